@@ -1,0 +1,491 @@
+//! The HTTP API of SPEC §5.
+//!
+//! Architecture invariant: handlers validate everything that comes from the client (key,
+//! size, JSON, depth, headers) before the engine sees it, and every failure is answered as
+//! `{"error": kind, "message": ...}` with a 4xx or 5xx status; nothing a client sends can panic
+//! the process.
+
+// Error answers are built on the cold path; boxing them would only add noise.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use http_body_util::BodyExt;
+use meridian_replication::RecordError;
+use meridian_replication::record::{MAX_DEPTH, json_depth};
+use serde::Deserialize;
+use serde_json::{Map, Value as Json, json};
+
+use crate::engine::{Engine, Idempotency, ReadError, WriteError, WriteOp};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Longest record key, in bytes of UTF-8.
+pub const MAX_KEY_BYTES: usize = 512;
+/// Longest `Idempotency-Key` header.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+/// Largest page of the list endpoint.
+pub const MAX_LIST_LIMIT: usize = 1000;
+const DEFAULT_LIST_LIMIT: usize = 100;
+const KV_PREFIX: &str = "/v1/kv/";
+
+/// An error answer: status, machine-readable kind, human-readable message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    pub extra: Option<(&'static str, Json)>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            extra: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.kind, "message": self.message});
+        if let (Some((k, v)), Some(obj)) = (self.extra, body.as_object_mut()) {
+            obj.insert(k.to_string(), v);
+        }
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        let message = e.to_string();
+        match e {
+            WriteError::Record(RecordError::NotACounter { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "not_a_counter", message)
+            }
+            WriteError::Record(RecordError::CounterOverflow { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "counter_overflow", message)
+            }
+            WriteError::Record(RecordError::NotFound) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            WriteError::Record(RecordError::TooDeep) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "too_deep", message)
+            }
+            WriteError::Record(RecordError::BadCounterField) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+            }
+            WriteError::Record(other) => {
+                tracing::error!(error = %other, "record document failure");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    other.to_string(),
+                )
+            }
+            WriteError::Misdirected { home, .. } => ApiError {
+                status: StatusCode::MISDIRECTED_REQUEST,
+                kind: "misdirected",
+                message,
+                extra: Some(("home_region", Json::String(home))),
+            },
+            WriteError::NoAllowedRegionReachable { home, .. } => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "home_region_unreachable",
+                message,
+                extra: Some(("home_region", Json::String(home))),
+            },
+            WriteError::IdempotencyKeyReused(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                message,
+            ),
+            WriteError::Storage(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_failed", message)
+            }
+            WriteError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
+            }
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        let message = e.to_string();
+        match e {
+            ReadError::Misdirected { home, .. } => ApiError {
+                status: StatusCode::MISDIRECTED_REQUEST,
+                kind: "misdirected",
+                message,
+                extra: Some(("home_region", Json::String(home))),
+            },
+            ReadError::NoAllowedRegionReachable { home, .. } => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "home_region_unreachable",
+                message,
+                extra: Some(("home_region", Json::String(home))),
+            },
+            ReadError::Storage(_) | ReadError::CorruptView { .. } => {
+                tracing::error!(error = %message, "read failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_failed", message)
+            }
+        }
+    }
+}
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/kv", get(list))
+        .route("/v1/kv/", get(list))
+        .route("/v1/kv/{*rest}", any(kv))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(engine)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such endpoint: {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
+    if engine.ready() {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "storage has failed or the node is shutting down",
+        )
+        .into_response()
+    }
+}
+
+async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        engine.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn status(State(engine): State<Arc<Engine>>) -> Response {
+    let peers: Vec<Json> = engine
+        .topology
+        .nodes
+        .iter()
+        .filter(|n| n.id != engine.node_id)
+        .map(|n| {
+            json!({
+                "node": n.id,
+                "region": n.region,
+                "peer": n.peer.to_string(),
+                // Replication links arrive with the replication layer; until then no peer is
+                // ever connected.
+                "connected": false,
+            })
+        })
+        .collect();
+    let records = engine.store().record_count().ok();
+    axum::Json(json!({
+        "cluster": engine.topology.cluster,
+        "node": engine.node_id,
+        "region": engine.region,
+        "incarnation": engine.incarnation,
+        "hlc": engine.clock.now().to_string(),
+        "ready": engine.ready(),
+        "records_stored": records,
+        "peers": peers,
+    }))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    prefix: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list(
+    State(engine): State<Arc<Engine>>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("bad list parameters: {}", e.body_text()),
+        )
+    })?;
+    let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}"),
+        ));
+    }
+    let prefix = params.prefix.unwrap_or_default();
+    // Fetch one more than asked, to know whether another page follows.
+    let mut records = engine.list(&prefix, params.after.as_deref(), limit + 1)?;
+    let more = records.len() > limit;
+    records.truncate(limit);
+    let next = if more {
+        records.last().map(|r| Json::String(r.key.clone()))
+    } else {
+        None
+    };
+    let items: Vec<Json> = records.iter().map(|r| r.to_json()).collect();
+    Ok(axum::Json(json!({"items": items, "next": next.unwrap_or(Json::Null)})).into_response())
+}
+
+/// Validate a decoded key: 1 to 512 bytes of UTF-8 without control characters.
+pub fn validate_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_key",
+            "the key is empty",
+        ));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_key",
+            format!(
+                "the key is {} bytes long; at most {MAX_KEY_BYTES} are allowed",
+                key.len()
+            ),
+        ));
+    }
+    if let Some(c) = key.chars().find(|c| c.is_control()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_key",
+            format!("the key contains the control character U+{:04X}", c as u32),
+        ));
+    }
+    Ok(())
+}
+
+fn decode_key(raw: &str) -> Result<String, ApiError> {
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_key",
+                "the key is not valid UTF-8 after percent-decoding",
+            )
+        })?
+        .into_owned();
+    validate_key(&decoded)?;
+    Ok(decoded)
+}
+
+async fn read_body(body: Body, headers: &HeaderMap) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body exceeds {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("cannot read the request body: {e}"),
+        )),
+    }
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Json>, ApiError> {
+    let value: Json = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    if json_depth(&value) > MAX_DEPTH {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_deep",
+            format!("the value nests deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    match value {
+        Json::Object(m) => Ok(m),
+        other => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "not_an_object",
+            format!(
+                "the body must be a JSON object, got {}",
+                match other {
+                    Json::Array(_) => "an array",
+                    Json::String(_) => "a string",
+                    Json::Number(_) => "a number",
+                    Json::Bool(_) => "a boolean",
+                    _ => "null",
+                }
+            ),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncrBody {
+    field: String,
+    #[serde(default = "one")]
+    by: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters"
+            ),
+        )
+    };
+    let s = v.to_str().map_err(|_| bad())?;
+    if s.is_empty()
+        || s.len() > MAX_IDEMPOTENCY_KEY_BYTES
+        || !s.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(bad());
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// Everything under `/v1/kv/`: the key is the rest of the path, percent-decoded.
+async fn kv(
+    State(engine): State<Arc<Engine>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let raw = uri.path().strip_prefix(KV_PREFIX).unwrap_or_default();
+    let (raw_key, is_incr) = match raw.strip_suffix("/incr") {
+        Some(k) if method == Method::POST => (k, true),
+        _ => (raw, false),
+    };
+    if method == Method::POST && !is_incr {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "POST is allowed only on /v1/kv/{key}/incr",
+        ));
+    }
+    let key = decode_key(raw_key)?;
+    let op = match method {
+        Method::GET | Method::HEAD => {
+            return match engine.read(&key)? {
+                Some(record) => Ok(axum::Json(record.to_json()).into_response()),
+                None => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no record {key:?} is stored on this node"),
+                )),
+            };
+        }
+        Method::PUT | Method::PATCH | Method::POST | Method::DELETE => method.clone(),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{other} is not allowed on /v1/kv/{{key}}"),
+            ));
+        }
+    };
+    let idem_key = idempotency_key(&headers)?;
+    let bytes = read_body(body, &headers).await?;
+    let write = match op {
+        Method::PUT => WriteOp::Put(parse_object(&bytes)?),
+        Method::PATCH => WriteOp::Patch(parse_object(&bytes)?),
+        Method::POST => {
+            let incr: IncrBody = serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("incr expects {{\"field\": \"name\", \"by\": 1}}: {e}"),
+                )
+            })?;
+            WriteOp::Incr {
+                field: incr.field,
+                by: incr.by,
+            }
+        }
+        _ => WriteOp::Delete,
+    };
+    let idempotency = idem_key.map(|k| Idempotency::new(&k, op.as_str(), &key, &bytes));
+    let answer = engine.write(&key, write, idempotency).await?;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    let mut response = (status, answer.body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if answer.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}

@@ -1,0 +1,670 @@
+//! The local write and read path of a node.
+//!
+//! A write: residency admission → per-key lock → HLC stamp → automerge change on the record's
+//! cached document → one [`WriteItem`] to the group-commit writer → answered after the commit
+//! that holds it is durable.
+//!
+//! Architecture invariants:
+//! * Writes to one key are serialized by that key's lock, held until the write's commit
+//!   returns, so a document in the cache always equals the committed record (a failed commit
+//!   drops the cached document instead of keeping an edit that is not on disk).
+//! * Reads go to the committed records in redb, never to the cache: a read never shows a write
+//!   that has not been made durable.
+//! * The queue to the writer is bounded; a full queue makes writers wait (backpressure), it
+//!   never grows.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use automerge::ActorId;
+use lru::LruCache;
+use meridian_replication::{RecordDoc, RecordError, RecordView, Version};
+use meridian_residency::{Foreign, Placement};
+use serde_json::{Map, Value as Json, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::NodeClock;
+use crate::metrics::{Metrics, OpLabels, OpOnly};
+use crate::storage::{IdempotentAnswer, ItemOutcome, Store, StoreError, StoredRecord, WriteItem};
+use crate::topology::Topology;
+
+/// Writes waiting for the writer thread at most.
+pub const WRITE_QUEUE_CAPACITY: usize = 4096;
+/// Writes in one durable commit at most.
+pub const MAX_BATCH_WRITES: usize = 1024;
+/// After this many appended changes a record's document is saved whole again.
+const COMPACT_AFTER_CHANGES: u32 = 64;
+
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Put(Map<String, Json>),
+    Patch(Map<String, Json>),
+    Incr { field: String, by: i64 },
+    Delete,
+}
+
+impl WriteOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WriteOp::Put(_) => "put",
+            WriteOp::Patch(_) => "patch",
+            WriteOp::Incr { .. } => "incr",
+            WriteOp::Delete => "delete",
+        }
+    }
+}
+
+/// `Idempotency-Key` of a write and the fingerprint of its request.
+#[derive(Clone, Debug)]
+pub struct Idempotency {
+    pub key: String,
+    pub fingerprint: [u8; 32],
+}
+
+impl Idempotency {
+    pub fn new(idem_key: &str, method: &str, record_key: &str, body: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        h.update(method.as_bytes());
+        h.update([0]);
+        h.update(record_key.as_bytes());
+        h.update([0]);
+        h.update(body);
+        Idempotency {
+            key: idem_key.to_string(),
+            fingerprint: h.finalize().into(),
+        }
+    }
+}
+
+/// The answer to a successful write: status and JSON body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteAnswer {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// True when this is the stored answer of an earlier request with the same key.
+    pub replayed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(
+        "record {key:?} is pinned to region {home:?} by rule {rule:?} and may not be stored in region {here:?}"
+    )]
+    Misdirected {
+        key: String,
+        home: String,
+        rule: String,
+        here: String,
+    },
+    #[error(
+        "record {key:?} is pinned to region {home:?} by rule {rule:?}; it must be forwarded there, but no node of an allowed region is reachable from region {here:?}"
+    )]
+    NoAllowedRegionReachable {
+        key: String,
+        home: String,
+        rule: String,
+        here: String,
+    },
+    #[error("Idempotency-Key {0:?} was already used for a different request")]
+    IdempotencyKeyReused(String),
+    #[error("storage failed: {0}")]
+    Storage(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(
+        "record {key:?} is pinned to region {home:?} by rule {rule:?} and is not stored in region {here:?}"
+    )]
+    Misdirected {
+        key: String,
+        home: String,
+        rule: String,
+        here: String,
+    },
+    #[error(
+        "record {key:?} is pinned to region {home:?} by rule {rule:?}; no node of an allowed region is reachable to serve it"
+    )]
+    NoAllowedRegionReachable {
+        key: String,
+        home: String,
+        rule: String,
+    },
+    #[error("storage failed: {0}")]
+    Storage(#[from] StoreError),
+    #[error("stored view of {key:?} is not valid JSON: {why}")]
+    CorruptView { key: String, why: String },
+}
+
+/// A record as a read shows it.
+#[derive(Clone, Debug)]
+pub struct ReadRecord {
+    pub key: String,
+    pub version: Version,
+    pub home_region: Option<String>,
+    pub view: Map<String, Json>,
+}
+
+impl ReadRecord {
+    pub fn to_json(&self) -> Json {
+        let mut out = Map::new();
+        out.insert("key".into(), Json::String(self.key.clone()));
+        out.insert(
+            "value".into(),
+            self.view.get("value").cloned().unwrap_or(json!({})),
+        );
+        out.insert("version".into(), Json::String(self.version.to_string()));
+        out.insert(
+            "home_region".into(),
+            self.home_region.clone().map_or(Json::Null, Json::String),
+        );
+        if let Some(c) = self.view.get("conflicts") {
+            out.insert("conflicts".into(), c.clone());
+        }
+        Json::Object(out)
+    }
+}
+
+struct CachedDoc {
+    doc: RecordDoc,
+    stored: StoredRecord,
+}
+
+/// One key's lock; holds its document while cached.
+#[derive(Default)]
+struct Slot {
+    cached: Option<CachedDoc>,
+}
+
+type SlotHandle = Arc<tokio::sync::Mutex<Slot>>;
+
+struct Job {
+    item: WriteItem,
+    reply: oneshot::Sender<Result<ItemOutcome, String>>,
+}
+
+pub struct Engine {
+    pub node_id: String,
+    pub region: String,
+    pub topology: Arc<Topology>,
+    pub clock: NodeClock,
+    pub metrics: Metrics,
+    pub incarnation: u32,
+    store: Arc<Store>,
+    actor: ActorId,
+    cache: Mutex<LruCache<String, SlotHandle>>,
+    cache_capacity: usize,
+    writer: mpsc::Sender<Job>,
+    healthy: AtomicBool,
+}
+
+/// The writer thread's handle; join it after the engine is dropped.
+pub struct WriterHandle(std::thread::JoinHandle<()>);
+
+impl WriterHandle {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("group-commit writer thread panicked");
+        }
+    }
+}
+
+pub struct EngineConfig {
+    pub cache_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            cache_capacity: 10_000,
+        }
+    }
+}
+
+impl Engine {
+    pub fn start(
+        topology: Arc<Topology>,
+        node_id: &str,
+        store: Store,
+        clock: NodeClock,
+        incarnation: u32,
+        config: EngineConfig,
+    ) -> Result<(Arc<Engine>, WriterHandle), String> {
+        let node = topology
+            .node(node_id)
+            .ok_or_else(|| format!("node {node_id:?} is not in the topology"))?;
+        let region = node.region.clone();
+        let store = Arc::new(store);
+        let metrics = Metrics::new();
+        let (tx, rx) = mpsc::channel::<Job>(WRITE_QUEUE_CAPACITY);
+        let writer_store = store.clone();
+        let batch_hist = metrics.commit_batch_writes.clone();
+        let commit_hist = metrics.commit_duration_seconds.clone();
+        let span = tracing::info_span!("node", node = %node_id, region = %region);
+        let handle = std::thread::Builder::new()
+            .name("meridian-writer".into())
+            .spawn(move || {
+                let _entered = span.enter();
+                run_writer(rx, &writer_store, &batch_hist, &commit_hist);
+            })
+            .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+        let engine = Arc::new(Engine {
+            node_id: node_id.to_string(),
+            region,
+            topology,
+            clock,
+            metrics,
+            incarnation,
+            store,
+            actor: crate::clock::actor_of(node_id, incarnation),
+            cache: Mutex::new(LruCache::unbounded()),
+            cache_capacity: config.cache_capacity.max(1),
+            writer: tx,
+            healthy: AtomicBool::new(true),
+        });
+        Ok((engine, WriterHandle(handle)))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Ready while the writer accepts work and storage has not failed.
+    pub fn ready(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && !self.writer.is_closed()
+    }
+
+    fn home_region(&self, key: &str) -> Option<String> {
+        self.topology.residency.home_region(key).map(str::to_string)
+    }
+
+    /// Residency admission: may this node's region hold `key`?
+    fn admit(&self, key: &str) -> Result<(), (Foreign, String, String)> {
+        match self.topology.residency.placement(key) {
+            Placement::Global => Ok(()),
+            Placement::Pinned { rule, home } => {
+                if self.topology.residency.may_hold(key, &self.region) {
+                    Ok(())
+                } else {
+                    Err((rule.foreign(), home.to_string(), rule.name().to_string()))
+                }
+            }
+        }
+    }
+
+    pub async fn write(
+        &self,
+        key: &str,
+        op: WriteOp,
+        idempotency: Option<Idempotency>,
+    ) -> Result<WriteAnswer, WriteError> {
+        let started = Instant::now();
+        let op_name = op.name();
+        let result = self.write_inner(key, op, idempotency).await;
+        let outcome = match &result {
+            Ok(a) if a.replayed => "replayed",
+            Ok(_) => "ok",
+            Err(WriteError::Record(_)) | Err(WriteError::IdempotencyKeyReused(_)) => "refused",
+            Err(WriteError::Misdirected { .. })
+            | Err(WriteError::NoAllowedRegionReachable { .. }) => "misdirected",
+            Err(_) => "error",
+        };
+        self.metrics
+            .writes_total
+            .get_or_create(&OpLabels {
+                op: op_name,
+                outcome,
+            })
+            .inc();
+        self.metrics
+            .write_duration_seconds
+            .get_or_create(&OpOnly { op: op_name })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn write_inner(
+        &self,
+        key: &str,
+        op: WriteOp,
+        idempotency: Option<Idempotency>,
+    ) -> Result<WriteAnswer, WriteError> {
+        if let Err((foreign, home, rule)) = self.admit(key) {
+            let (key, here) = (key.to_string(), self.region.clone());
+            return Err(match foreign {
+                Foreign::Reject => WriteError::Misdirected {
+                    key,
+                    home,
+                    rule,
+                    here,
+                },
+                Foreign::Forward => WriteError::NoAllowedRegionReachable {
+                    key,
+                    home,
+                    rule,
+                    here,
+                },
+            });
+        }
+        if let Some(idem) = &idempotency
+            && let Some(first) = self
+                .store
+                .idempotent_answer(&idem.key)
+                .map_err(|e| WriteError::Storage(e.to_string()))?
+        {
+            return replay_or_refuse(first, idem);
+        }
+
+        let slot = self.slot(key);
+        let mut guard = slot.lock().await;
+        let mut cached = match guard.cached.take() {
+            Some(c) => c,
+            None => self.load_doc(key)?,
+        };
+        let stamp = self.clock.stamp();
+        let change = match &op {
+            WriteOp::Put(v) => cached.doc.put(v, stamp),
+            WriteOp::Patch(p) => cached.doc.patch(p, stamp),
+            WriteOp::Incr { field, by } => cached.doc.incr(field, *by, stamp),
+            WriteOp::Delete => cached.doc.delete(stamp),
+        };
+        let change = match change {
+            Ok(c) => c,
+            Err(e) => {
+                // RecordDoc rolled the failed edit back: the document still equals the disk.
+                guard.cached = Some(cached);
+                return Err(e.into());
+            }
+        };
+        let view = cached.doc.view()?;
+        let record = self.next_record(&mut cached, view.as_ref(), &change)?;
+        let home_region = record.home_region.clone();
+        let body = serde_json::to_vec(&json!({
+            "key": key,
+            "version": record.version.to_string(),
+            "home_region": home_region,
+            "region": self.region,
+        }))
+        .map_err(|e| WriteError::Storage(e.to_string()))?;
+        let item = WriteItem {
+            key: key.to_string(),
+            record: record.clone(),
+            change_time_ntp64: change.version.time_ntp64,
+            change: change.bytes,
+            idempotency: idempotency.as_ref().map(|i| {
+                (
+                    i.key.clone(),
+                    IdempotentAnswer {
+                        fingerprint: i.fingerprint,
+                        created_unix_ms: unix_ms(),
+                        status: 200,
+                        body: body.clone(),
+                    },
+                )
+            }),
+        };
+        match self.commit(item).await {
+            Ok(ItemOutcome::Applied) => {
+                cached.stored = record;
+                guard.cached = Some(cached);
+                Ok(WriteAnswer {
+                    status: 200,
+                    body,
+                    replayed: false,
+                })
+            }
+            // Not applied: the cached document holds an edit that is not on disk; drop it.
+            Ok(ItemOutcome::Replayed(first)) => match &idempotency {
+                Some(idem) => replay_or_refuse(first, idem),
+                None => Err(WriteError::Storage("unexpected idempotent replay".into())),
+            },
+            Ok(ItemOutcome::KeyReused) => Err(WriteError::IdempotencyKeyReused(
+                idempotency.map(|i| i.key).unwrap_or_default(),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn load_doc(&self, key: &str) -> Result<CachedDoc, WriteError> {
+        let stored = self
+            .store
+            .record(key)
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        match stored {
+            Some(stored) => {
+                let doc = RecordDoc::load(&stored.doc, self.actor.clone())?;
+                Ok(CachedDoc { doc, stored })
+            }
+            None => Ok(CachedDoc {
+                doc: RecordDoc::new(self.actor.clone())?,
+                stored: StoredRecord {
+                    live: false,
+                    version: Version::ZERO,
+                    home_region: self.home_region(key),
+                    view_json: Vec::new(),
+                    doc: Vec::new(),
+                    appended_changes: 0,
+                },
+            }),
+        }
+    }
+
+    /// The record to store after `change`: the previous bytes with the change appended, or a
+    /// fresh save every [`COMPACT_AFTER_CHANGES`] changes (saving is the costly part).
+    fn next_record(
+        &self,
+        cached: &mut CachedDoc,
+        view: Option<&RecordView>,
+        change: &meridian_replication::LocalChange,
+    ) -> Result<StoredRecord, WriteError> {
+        let prev = &cached.stored;
+        let (doc, appended_changes) =
+            if prev.doc.is_empty() || prev.appended_changes >= COMPACT_AFTER_CHANGES {
+                (cached.doc.save(), 0)
+            } else {
+                let mut bytes = Vec::with_capacity(prev.doc.len() + change.bytes.len());
+                bytes.extend_from_slice(&prev.doc);
+                bytes.extend_from_slice(&change.bytes);
+                (bytes, prev.appended_changes + 1)
+            };
+        let view_json = match view {
+            Some(v) => serde_json::to_vec(v).map_err(|e| WriteError::Storage(e.to_string()))?,
+            None => Vec::new(),
+        };
+        Ok(StoredRecord {
+            live: view.is_some(),
+            version: prev.version.max(change.version),
+            home_region: prev.home_region.clone(),
+            view_json,
+            doc,
+            appended_changes,
+        })
+    }
+
+    async fn commit(&self, item: WriteItem) -> Result<ItemOutcome, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.metrics.write_queue_depth.inc();
+        let sent = self.writer.send(Job { item, reply }).await;
+        self.metrics.write_queue_depth.dec();
+        sent.map_err(|_| WriteError::ShuttingDown)?;
+        match answer.await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                Err(WriteError::Storage(e))
+            }
+            Err(_) => Err(WriteError::ShuttingDown),
+        }
+    }
+
+    /// The lock of `key`, evicting idle documents beyond the cache capacity.
+    fn slot(&self, key: &str) -> SlotHandle {
+        let mut cache = match self.cache.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(s) = cache.get(key) {
+            return s.clone();
+        }
+        // Only a slot nobody holds may go: a held slot evicted and re-created would let two
+        // writers edit two copies of one document. A few tries keep this bounded.
+        let mut tries = 0;
+        while cache.len() >= self.cache_capacity && tries < 8 {
+            tries += 1;
+            let idle = matches!(cache.peek_lru(), Some((_, s)) if Arc::strong_count(s) == 1);
+            if idle {
+                cache.pop_lru();
+            } else if let Some((k, _)) = cache.peek_lru() {
+                let k = k.clone();
+                cache.promote(&k);
+            }
+        }
+        let slot: SlotHandle = Arc::default();
+        cache.put(key.to_string(), slot.clone());
+        self.metrics.cached_documents.set(cache.len() as i64);
+        slot
+    }
+
+    pub fn read(&self, key: &str) -> Result<Option<ReadRecord>, ReadError> {
+        let result = self.read_inner(key);
+        let outcome = match &result {
+            Ok(Some(_)) => "ok",
+            Ok(None) => "not_found",
+            Err(ReadError::Misdirected { .. })
+            | Err(ReadError::NoAllowedRegionReachable { .. }) => "misdirected",
+            Err(_) => "error",
+        };
+        self.metrics
+            .reads_total
+            .get_or_create(&OpLabels { op: "get", outcome })
+            .inc();
+        result
+    }
+
+    fn read_inner(&self, key: &str) -> Result<Option<ReadRecord>, ReadError> {
+        if let Err((foreign, home, rule)) = self.admit(key) {
+            return Err(match foreign {
+                Foreign::Reject => ReadError::Misdirected {
+                    key: key.to_string(),
+                    home,
+                    rule,
+                    here: self.region.clone(),
+                },
+                Foreign::Forward => ReadError::NoAllowedRegionReachable {
+                    key: key.to_string(),
+                    home,
+                    rule,
+                },
+            });
+        }
+        match self.store.record(key)? {
+            Some(rec) if rec.live => Ok(Some(to_read_record(key, rec)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Records stored here, in key order. Never forwarded.
+    pub fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ReadRecord>, ReadError> {
+        self.store
+            .list(prefix, after, limit)?
+            .into_iter()
+            .map(|(k, rec)| to_read_record(&k, rec))
+            .collect()
+    }
+}
+
+fn to_read_record(key: &str, rec: StoredRecord) -> Result<ReadRecord, ReadError> {
+    let view: Map<String, Json> =
+        serde_json::from_slice(&rec.view_json).map_err(|e| ReadError::CorruptView {
+            key: key.to_string(),
+            why: e.to_string(),
+        })?;
+    Ok(ReadRecord {
+        key: key.to_string(),
+        version: rec.version,
+        home_region: rec.home_region,
+        view,
+    })
+}
+
+fn replay_or_refuse(
+    first: IdempotentAnswer,
+    idem: &Idempotency,
+) -> Result<WriteAnswer, WriteError> {
+    if first.fingerprint == idem.fingerprint {
+        Ok(WriteAnswer {
+            status: first.status,
+            body: first.body,
+            replayed: true,
+        })
+    } else {
+        Err(WriteError::IdempotencyKeyReused(idem.key.clone()))
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The group-commit loop: take every waiting write (up to [`MAX_BATCH_WRITES`]), commit them
+/// in one durable transaction, answer each. Runs on its own thread because redb is blocking.
+fn run_writer(
+    mut rx: mpsc::Receiver<Job>,
+    store: &Store,
+    batch_hist: &prometheus_client::metrics::histogram::Histogram,
+    commit_hist: &prometheus_client::metrics::histogram::Histogram,
+) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH_WRITES);
+    let mut last_prune = Instant::now();
+    while let Some(first) = rx.blocking_recv() {
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH_WRITES {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let (items, replies): (Vec<_>, Vec<_>) = jobs.drain(..).map(|j| (j.item, j.reply)).unzip();
+        let started = Instant::now();
+        let result = store.commit_batch(&items);
+        commit_hist.observe(started.elapsed().as_secs_f64());
+        batch_hist.observe(items.len() as f64);
+        match result {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    // A client that went away no longer waits for its answer.
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = items.len(), "durable commit failed; the writes are not acknowledged");
+                let message = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(message.clone()));
+                }
+            }
+        }
+        // Idempotency answers are kept for a day; prune a bounded number now and then.
+        if last_prune.elapsed().as_secs() >= 60 {
+            last_prune = Instant::now();
+            let cutoff = unix_ms().saturating_sub(24 * 3600 * 1000);
+            if let Err(e) = store.prune_idempotency(cutoff, 10_000) {
+                tracing::warn!(error = %e, "pruning idempotency keys failed; will retry");
+            }
+        }
+    }
+}

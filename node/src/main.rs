@@ -1,0 +1,215 @@
+//! `meridian`: the command line of SPEC §2.
+//!
+//! Exit status: 0 on success, 2 on bad usage or invalid input, 1 on a runtime failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use meridian_node::logging::{self, LogFormat};
+use meridian_node::topology::{self, Topology, TopologyError};
+use meridian_node::{clock, server, storage};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meridian",
+    version,
+    about = "Meridian: an active-active multi-region data store"
+)]
+struct Cli {
+    /// Log format: readable text, or JSON lines.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one node as declared in the topology.
+    Serve {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long)]
+        node: String,
+        /// Default: data/<node> beside the topology file.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// TEST ONLY: offset this node's wall clock by this many milliseconds (may be
+        /// negative), to inject clock skew in partition tests.
+        #[arg(long, allow_hyphen_values = true, default_value_t = 0)]
+        test_clock_offset_ms: i64,
+    },
+    /// Topology file tools.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
+    /// Offline: list every record physically stored in a data directory.
+    Dump {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopologyCommand {
+    /// Validate a topology file; print every problem; exit 0 only if valid.
+    Check { file: PathBuf },
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_INVALID: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
+        Command::Topology {
+            command: TopologyCommand::Check { file },
+        } => {
+            let (report, ok) = topology::check_report(&file);
+            if ok {
+                println!("{report}");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{report}");
+                ExitCode::from(EXIT_INVALID)
+            }
+        }
+        Command::Dump { data_dir, json } => dump(&data_dir, json),
+        Command::Serve {
+            topology,
+            node,
+            data_dir,
+            test_clock_offset_ms,
+        } => serve(&topology, &node, data_dir, test_clock_offset_ms),
+    }
+}
+
+fn load_topology(path: &std::path::Path) -> Result<Topology, ExitCode> {
+    Topology::load(path).map_err(|e| {
+        eprintln!("{e}");
+        match e {
+            TopologyError::Io { .. } => ExitCode::from(EXIT_INVALID),
+            _ => ExitCode::from(EXIT_INVALID),
+        }
+    })
+}
+
+fn serve(
+    topology_path: &std::path::Path,
+    node_id: &str,
+    data_dir: Option<PathBuf>,
+    test_clock_offset_ms: i64,
+) -> ExitCode {
+    let topology = match load_topology(topology_path) {
+        Ok(t) => Arc::new(t),
+        Err(code) => return code,
+    };
+    let Some(node) = topology.node(node_id) else {
+        let known: Vec<&str> = topology.nodes.iter().map(|n| n.id.as_str()).collect();
+        eprintln!(
+            "error: node {node_id:?} is not declared in {}; declared nodes: {}",
+            topology_path.display(),
+            known.join(", ")
+        );
+        return ExitCode::from(EXIT_INVALID);
+    };
+    if test_clock_offset_ms != 0 {
+        tracing::warn!(
+            offset_ms = test_clock_offset_ms,
+            "TEST ONLY: this node's wall clock is skewed"
+        );
+        clock::set_test_clock_offset_ms(test_clock_offset_ms);
+    }
+    let api_addr = node.api;
+    let data_dir = data_dir.unwrap_or_else(|| server::default_data_dir(&topology, node_id));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let node_id = node_id.to_string();
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(api_addr)
+            .await
+            .map_err(|source| server::ServeError::Bind {
+                addr: api_addr,
+                source,
+            })?;
+        server::run(
+            topology,
+            &node_id,
+            &data_dir,
+            listener,
+            server::NodeOptions::default(),
+            server::shutdown_signal(),
+        )
+        .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "node failed");
+            eprintln!("error: {e}");
+            match e {
+                server::ServeError::UnknownNode(_) => ExitCode::from(EXIT_INVALID),
+                server::ServeError::Store(storage::StoreError::WrongNode { .. }) => {
+                    ExitCode::from(EXIT_INVALID)
+                }
+                _ => ExitCode::from(EXIT_RUNTIME),
+            }
+        }
+    }
+}
+
+fn dump(data_dir: &std::path::Path, json: bool) -> ExitCode {
+    let (node_id, rows) = match storage::dump(data_dir) {
+        Ok(r) => r,
+        Err(e @ storage::StoreError::Missing(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    if json {
+        let doc = serde_json::json!({"node": node_id, "records": rows});
+        match serde_json::to_string_pretty(&doc) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: cannot render JSON: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+    } else {
+        let key_width = rows.iter().map(|r| r.key.len()).max().unwrap_or(3).max(3);
+        println!("# node {node_id}: {} records", rows.len());
+        println!(
+            "{:<key_width$}  {:<16}  {:<33}  STATE",
+            "KEY", "HOME", "VERSION"
+        );
+        for r in &rows {
+            println!(
+                "{:<key_width$}  {:<16}  {:<33}  {}",
+                r.key,
+                r.home_region.as_deref().unwrap_or("(global)"),
+                r.version,
+                if r.deleted { "deleted" } else { "live" }
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,109 @@
+//! Prometheus metrics of one node. A registry per node (no global recorder), so that several
+//! nodes in one test process keep separate figures.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpOnly {
+    pub op: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub writes_total: Family<OpLabels, Counter>,
+    pub write_duration_seconds: Family<OpOnly, Histogram, fn() -> Histogram>,
+    pub reads_total: Family<OpLabels, Counter>,
+    pub commit_batch_writes: Histogram,
+    pub commit_duration_seconds: Histogram,
+    pub write_queue_depth: Gauge,
+    pub cached_documents: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meridian");
+        let writes_total = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "writes",
+            "Client writes by operation and outcome",
+            writes_total.clone(),
+        );
+        let write_duration_seconds =
+            Family::<OpOnly, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "write_duration_seconds",
+            "Time from receiving a write to answering it, including the durable commit",
+            write_duration_seconds.clone(),
+        );
+        let reads_total = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "reads",
+            "Client reads by operation and outcome",
+            reads_total.clone(),
+        );
+        let commit_batch_writes = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        registry.register(
+            "commit_batch_writes",
+            "Writes sharing one durable commit (group commit)",
+            commit_batch_writes.clone(),
+        );
+        let commit_duration_seconds = latency_histogram();
+        registry.register(
+            "commit_duration_seconds",
+            "Duration of one durable redb commit, fsync included",
+            commit_duration_seconds.clone(),
+        );
+        let write_queue_depth = Gauge::default();
+        registry.register(
+            "write_queue_depth",
+            "Writes waiting for the group-commit writer",
+            write_queue_depth.clone(),
+        );
+        let cached_documents = Gauge::default();
+        registry.register(
+            "cached_documents",
+            "Record documents held in memory",
+            cached_documents.clone(),
+        );
+        Metrics {
+            registry,
+            writes_total,
+            write_duration_seconds,
+            reads_total,
+            commit_batch_writes,
+            commit_duration_seconds,
+            write_queue_depth,
+            cached_documents,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,136 @@
+//! Running one node: open its data directory, start the engine, serve the API until shutdown.
+//!
+//! [`run`] takes an already bound listener (so tests bind port 0) and a shutdown future.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::clock::{ClockError, NodeClock};
+use crate::engine::{Engine, EngineConfig};
+use crate::storage::{Store, StoreError};
+use crate::topology::Topology;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("node {0:?} is not declared in the topology")]
+    UnknownNode(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Clock(#[from] ClockError),
+    #[error("cannot start the engine: {0}")]
+    Engine(String),
+    #[error("cannot bind the API address {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the API server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Where a node keeps its data when `--data-dir` is not given: `data/<node>` beside the
+/// topology file.
+pub fn default_data_dir(topology: &Topology, node_id: &str) -> PathBuf {
+    topology.base_dir.join("data").join(node_id)
+}
+
+#[derive(Default)]
+pub struct NodeOptions {
+    pub engine: EngineConfig,
+}
+
+/// Open the data directory and start the engine (and its writer thread).
+pub fn open(
+    topology: Arc<Topology>,
+    node_id: &str,
+    data_dir: &Path,
+    options: NodeOptions,
+) -> Result<(Arc<Engine>, crate::engine::WriterHandle), ServeError> {
+    if topology.node(node_id).is_none() {
+        return Err(ServeError::UnknownNode(node_id.to_string()));
+    }
+    let (store, identity) = Store::open(data_dir, node_id)?;
+    let clock = NodeClock::new(node_id, topology.clock.max_drift_ms, identity.last_hlc)?;
+    Engine::start(
+        topology,
+        node_id,
+        store,
+        clock,
+        identity.incarnation,
+        options.engine,
+    )
+    .map_err(ServeError::Engine)
+}
+
+/// Serve the node on `listener` until `shutdown` resolves; then finish in-flight requests,
+/// drain the writer and return.
+pub async fn run(
+    topology: Arc<Topology>,
+    node_id: &str,
+    data_dir: &Path,
+    listener: TcpListener,
+    options: NodeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (engine, writer) = open(topology, node_id, data_dir, options)?;
+    let span = tracing::info_span!("node", node = %engine.node_id, region = %engine.region);
+    let local = listener.local_addr().map_err(ServeError::Http)?;
+    span.in_scope(|| {
+        tracing::info!(
+            api = %local,
+            data_dir = %data_dir.display(),
+            incarnation = engine.incarnation,
+            "node serving"
+        );
+    });
+    let app = crate::api::router(engine.clone()).layer(axum::middleware::from_fn({
+        let span = span.clone();
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let span = span.clone();
+            async move { next.run(req).instrument(span).await }
+        }
+    }));
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Http);
+    // The router (and its engine clones) are gone once serve returns: dropping the last engine
+    // closes the writer's queue, and the writer finishes the batch it holds.
+    drop(engine);
+    let join = tokio::task::spawn_blocking(move || writer.join());
+    if join.await.is_err() {
+        span.in_scope(|| tracing::error!("writer thread did not finish cleanly"));
+    }
+    span.in_scope(|| tracing::info!("node stopped"));
+    result
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}

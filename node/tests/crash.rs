@@ -1,0 +1,241 @@
+//! The real `meridian` binary: SIGKILL mid-stream loses no acknowledged write; graceful
+//! shutdown on SIGTERM; versions keep growing after the wall clock steps back; a data
+//! directory refuses to start as another node.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::NodeProcess;
+use reqwest::Client;
+use serde_json::{Value, json};
+
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+struct Setup {
+    dir: tempfile::TempDir,
+    topology: std::path::PathBuf,
+    api: SocketAddr,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = common::free_tcp_port();
+    let topology = common::write_topology(dir.path(), port);
+    Setup {
+        topology,
+        api: SocketAddr::from(([127, 0, 0, 1], port)),
+        dir,
+    }
+}
+
+async fn start(s: &Setup, extra: &[&str]) -> NodeProcess {
+    let node = NodeProcess::spawn(
+        &s.topology,
+        "eu-1",
+        &s.dir.path().join("data"),
+        s.api,
+        extra,
+    );
+    let client = Client::new();
+    assert!(
+        common::wait_ready(&client, &node.url("/readyz"), READY_DEADLINE).await,
+        "node did not become ready; log:\n{}",
+        node.log_text()
+    );
+    node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_acknowledged_write() {
+    let s = setup();
+    let mut node = start(&s, &[]).await;
+    let client = Client::new();
+    // key -> (value written, version acknowledged)
+    let acked: Arc<Mutex<HashMap<String, (Value, String)>>> = Arc::default();
+    let acked_incr = Arc::new(Mutex::new(0u64));
+    let attempted_incr = Arc::new(Mutex::new(0u64));
+    let stop_at = Instant::now() + Duration::from_secs(2);
+    let mut writers = Vec::new();
+    for c in 0..8 {
+        let (client, acked, acked_incr, attempted_incr) = (
+            client.clone(),
+            acked.clone(),
+            acked_incr.clone(),
+            attempted_incr.clone(),
+        );
+        let url = node.url("");
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            // Keep writing until the node dies (requests fail) or, if it never does, a bound.
+            while i < 1_000_000 {
+                i += 1;
+                let key = format!("crash/{c}/{i}");
+                let value = json!({"client": c, "i": i, "pad": "x".repeat(64)});
+                let r = client
+                    .put(format!("{url}/v1/kv/{key}"))
+                    .json(&value)
+                    .send()
+                    .await;
+                let Ok(r) = r else { break };
+                if r.status() != 200 {
+                    break;
+                }
+                let Ok(body) = r.json::<Value>().await else {
+                    break;
+                };
+                let version = body["version"].as_str().unwrap_or_default().to_string();
+                acked.lock().expect("lock").insert(key, (value, version));
+                if i.is_multiple_of(4) {
+                    *attempted_incr.lock().expect("lock") += 1;
+                    let r = client
+                        .post(format!("{url}/v1/kv/crash/counter/incr"))
+                        .json(&json!({"field": "n"}))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == 200 => *acked_incr.lock().expect("lock") += 1,
+                        _ => break,
+                    }
+                }
+                if Instant::now() > stop_at + Duration::from_secs(30) {
+                    break;
+                }
+            }
+        }));
+    }
+    // Let the writers get going, then kill the node without warning.
+    while Instant::now() < stop_at {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.child.kill().expect("SIGKILL");
+    let _ = node.child.wait();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let acked = std::mem::take(&mut *acked.lock().expect("lock"));
+    assert!(
+        acked.len() > 50,
+        "too few writes acknowledged before the kill: {}",
+        acked.len()
+    );
+
+    let node = start(&s, &[]).await;
+    let mut lost = Vec::new();
+    for (key, (value, version)) in &acked {
+        let r = client
+            .get(node.url(&format!("/v1/kv/{key}")))
+            .send()
+            .await
+            .expect("get");
+        if r.status() != 200 {
+            lost.push(key.clone());
+            continue;
+        }
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(&body["value"], value, "{key}");
+        assert_eq!(body["version"].as_str(), Some(version.as_str()), "{key}");
+    }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    let counter: Value = client
+        .get(node.url("/v1/kv/crash/counter"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let n = counter["value"]["n"].as_u64().expect("counter");
+    let (acked_n, attempted_n) = (
+        *acked_incr.lock().expect("lock"),
+        *attempted_incr.lock().expect("lock"),
+    );
+    assert!(
+        acked_n <= n && n <= attempted_n,
+        "counter {n} must lie between acknowledged {acked_n} and attempted {attempted_n} increments"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_gracefully_and_versions_grow_after_the_clock_steps_back() {
+    let s = setup();
+    let client = Client::new();
+    // First run with the wall clock an hour ahead (far beyond the 500 ms max drift).
+    let mut node = start(&s, &["--test-clock-offset-ms", "3600000"]).await;
+    let first: Value = client
+        .put(node.url("/v1/kv/clock"))
+        .json(&json!({"a": 1}))
+        .send()
+        .await
+        .expect("put")
+        .json()
+        .await
+        .expect("json");
+    node.sigterm();
+    let status = node
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits after SIGTERM");
+    assert!(
+        status.success(),
+        "graceful exit, got {status:?}; log:\n{}",
+        node.log_text()
+    );
+    assert!(
+        node.log_text().contains("node stopped"),
+        "log:\n{}",
+        node.log_text()
+    );
+    drop(node);
+
+    // The clock is back to normal, an hour earlier: versions must still grow.
+    let node = start(&s, &[]).await;
+    let second: Value = client
+        .put(node.url("/v1/kv/clock"))
+        .json(&json!({"a": 2}))
+        .send()
+        .await
+        .expect("put")
+        .json()
+        .await
+        .expect("json");
+    let (v1, v2) = (
+        first["version"].as_str().expect("v1"),
+        second["version"].as_str().expect("v2"),
+    );
+    assert!(v2 > v1, "version after restart {v2} must exceed {v1}");
+    let other: Value = client
+        .put(node.url("/v1/kv/other"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("put")
+        .json()
+        .await
+        .expect("json");
+    assert!(other["version"].as_str().expect("v3") > v2);
+}
+
+#[tokio::test]
+async fn a_data_directory_refuses_to_start_as_another_node() {
+    let s = setup();
+    let mut node = start(&s, &[]).await;
+    node.sigterm();
+    node.wait_exit(Duration::from_secs(30)).expect("exit");
+    drop(node);
+    // us-1 is declared in the topology, but the directory belongs to eu-1.
+    let mut wrong = NodeProcess::spawn(&s.topology, "us-1", &s.dir.path().join("data"), s.api, &[]);
+    let status = wrong
+        .wait_exit(Duration::from_secs(30))
+        .expect("refused promptly");
+    assert_eq!(status.code(), Some(2), "log:\n{}", wrong.log_text());
+    let log = wrong.log_text();
+    assert!(log.contains("belongs to node \"eu-1\""), "log:\n{log}");
+}

@@ -1,0 +1,686 @@
+//! A record is an automerge document; this module maps JSON onto it and back.
+//!
+//! # Document layout
+//!
+//! Every record document starts from the same *genesis* change: a fixed actor, time 0, no
+//! message, creating two maps under the root, `v` (the user's value) and `c` (counters).
+//! Because its bytes are identical everywhere, two regions that create the same record
+//! concurrently share the `v` and `c` objects, so their edits merge field by field instead of
+//! one region's whole value replacing the other's.
+//!
+//! * `v` holds the user's JSON object: maps, lists, strings, i64/u64 integers, floats,
+//!   booleans and null.
+//! * `c` holds counters. A counter field `f` is the sum of the entries `f\u{1f}<actor>`, one per
+//!   writer (actor = node + incarnation). Each writer only creates and increments its own
+//!   entry, so concurrent first increments in two regions never collide on one automerge key
+//!   (automerge would keep only one of two concurrently *created* counters), and every
+//!   increment counts.
+//! * `live` is set to the writer's version string by every write and removed by a delete. A
+//!   record exists while `live` is present.
+//!
+//! # Delete against a concurrent update
+//!
+//! A delete removes what it has observed: every field, counter entry and the `live` marker it
+//! saw. An update in another region that the delete had not seen sets `live` again, so after
+//! the merge the record exists and holds the fields that the concurrent update wrote (the
+//! fields the delete observed stay removed). In short: *a concurrent update survives a delete*
+//! (observed-remove), in every region alike. Increments concurrent with a delete of their
+//! counter are removed with it: automerge keeps a deleted counter deleted.
+//!
+//! # Conflicts
+//!
+//! When two regions write the same field concurrently, automerge keeps both values and picks
+//! one deterministically (by operation id, never by wall clock). [`RecordView::conflicts`]
+//! lists, per JSON-pointer path, the values it did not pick, so that users see the collision.
+
+use std::collections::BTreeMap;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{
+    ActorId, AutoCommit, AutomergeError, Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue,
+    Value as AmValue,
+};
+use serde::Serialize;
+use serde_json::{Map, Number, Value as Json};
+
+use crate::version::Version;
+
+/// Deepest JSON nesting accepted in a value (an object at the top is depth 1).
+pub const MAX_DEPTH: usize = 32;
+
+const VALUE_KEY: &str = "v";
+const COUNTERS_KEY: &str = "c";
+const LIVE_KEY: &str = "live";
+const COUNTER_SEPARATOR: char = '\u{1f}';
+const GENESIS_ACTOR: &[u8] = b"meridian/genesis/v1";
+
+/// What a read shows of a record.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RecordView {
+    pub value: Map<String, Json>,
+    /// Per JSON-pointer path, the concurrent values the merge did not pick.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub conflicts: BTreeMap<String, Vec<Json>>,
+}
+
+/// The bytes of one committed automerge change and the version stamped on it.
+#[derive(Clone, Debug)]
+pub struct LocalChange {
+    pub bytes: Vec<u8>,
+    pub version: Version,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("field {field:?} holds {found}, not a counter; only counter fields can be incremented")]
+    NotACounter { field: String, found: &'static str },
+    #[error("incrementing counter {field:?} by {by} would overflow a 64-bit integer")]
+    CounterOverflow { field: String, by: i64 },
+    #[error("counter field name must be non-empty and must not contain U+001F")]
+    BadCounterField,
+    #[error("the record does not exist")]
+    NotFound,
+    #[error("value nesting is deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("stored record document cannot be loaded: {0}")]
+    Corrupt(String),
+    #[error("change cannot be decoded: {0}")]
+    BadChange(String),
+    #[error("the edit produced no change (internal error)")]
+    NoChange,
+    #[error("automerge rejected the operation: {0}")]
+    Automerge(#[from] AutomergeError),
+}
+
+/// The depth of a JSON value: scalars are 0, an object or array is 1 + its deepest child.
+pub fn json_depth(value: &Json) -> usize {
+    // Iterative, so that hostile input cannot exhaust the stack.
+    let mut deepest = 0;
+    let mut stack: Vec<(&Json, usize)> = vec![(value, 0)];
+    while let Some((v, depth)) = stack.pop() {
+        match v {
+            Json::Object(m) => {
+                deepest = deepest.max(depth + 1);
+                stack.extend(m.values().map(|c| (c, depth + 1)));
+            }
+            Json::Array(a) => {
+                deepest = deepest.max(depth + 1);
+                stack.extend(a.iter().map(|c| (c, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// The version stamped on a change by [`RecordDoc`]'s local edits, if it carries one.
+pub fn change_version(change: &Change) -> Option<Version> {
+    change.message().and_then(|m| m.parse().ok())
+}
+
+fn genesis() -> Result<AutoCommit, AutomergeError> {
+    let mut doc = AutoCommit::new().with_actor(ActorId::from(GENESIS_ACTOR));
+    doc.put_object(ROOT, VALUE_KEY, ObjType::Map)?;
+    doc.put_object(ROOT, COUNTERS_KEY, ObjType::Map)?;
+    // Time 0 and no message: the genesis change must have identical bytes everywhere.
+    doc.commit_with(CommitOptions::default().with_time(0));
+    Ok(doc)
+}
+
+/// One record's document, with the actor of this node's incarnation.
+pub struct RecordDoc {
+    doc: AutoCommit,
+    counter_tag: String,
+}
+
+impl RecordDoc {
+    /// A record that does not exist yet: only the genesis change.
+    pub fn new(actor: ActorId) -> Result<Self, RecordError> {
+        let counter_tag = actor.to_hex_string();
+        let mut doc = genesis()?;
+        doc.set_actor(actor);
+        Ok(RecordDoc { doc, counter_tag })
+    }
+
+    /// Load stored bytes (a saved document, optionally followed by appended change chunks).
+    pub fn load(bytes: &[u8], actor: ActorId) -> Result<Self, RecordError> {
+        let counter_tag = actor.to_hex_string();
+        let doc = AutoCommit::load(bytes)
+            .map_err(|e| RecordError::Corrupt(e.to_string()))?
+            .with_actor(actor);
+        let record = RecordDoc { doc, counter_tag };
+        if record.object(VALUE_KEY).is_none() || record.object(COUNTERS_KEY).is_none() {
+            return Err(RecordError::Corrupt(
+                "document lacks the genesis objects".to_string(),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// The whole document, compacted.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    pub fn exists(&self) -> bool {
+        matches!(self.doc.get(ROOT, LIVE_KEY), Ok(Some(_)))
+    }
+
+    /// Replace the value: fields left out are removed, unchanged fields are left alone so
+    /// that they merge with concurrent edits elsewhere.
+    pub fn put(
+        &mut self,
+        value: &Map<String, Json>,
+        stamp: Version,
+    ) -> Result<LocalChange, RecordError> {
+        check_depth(value)?;
+        self.edit(stamp, |rec| {
+            let v = rec.value_obj()?;
+            let c = rec.counters_obj()?;
+            let totals = rec.counter_totals(&c)?;
+            let mut plain = value.clone();
+            for (field, (total, entries)) in totals {
+                let keep_counter = rec.doc.get(&v, field.as_str())?.is_none()
+                    && plain.get(&field).and_then(Json::as_i64) == Some(total);
+                if keep_counter {
+                    plain.remove(&field);
+                } else {
+                    for entry in entries {
+                        rec.doc.delete(&c, entry.as_str())?;
+                    }
+                }
+            }
+            put_map(&mut rec.doc, &v, &plain)
+        })
+    }
+
+    /// Apply an RFC 7386 JSON merge patch to the value.
+    pub fn patch(
+        &mut self,
+        patch: &Map<String, Json>,
+        stamp: Version,
+    ) -> Result<LocalChange, RecordError> {
+        check_depth(patch)?;
+        self.edit(stamp, |rec| {
+            let v = rec.value_obj()?;
+            let c = rec.counters_obj()?;
+            let totals = rec.counter_totals(&c)?;
+            for (field, patch_value) in patch {
+                if let Some((total, entries)) = totals.get(field) {
+                    // Writing a counter field with its current total keeps it a counter;
+                    // anything else replaces the counter.
+                    if rec.doc.get(&v, field.as_str())?.is_none()
+                        && patch_value.as_i64() == Some(*total)
+                    {
+                        continue;
+                    }
+                    for entry in entries {
+                        rec.doc.delete(&c, entry.as_str())?;
+                    }
+                }
+                merge_patch_field(&mut rec.doc, &v, field, patch_value)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Add `by` to the counter `field` (created at `by` if absent).
+    pub fn incr(
+        &mut self,
+        field: &str,
+        by: i64,
+        stamp: Version,
+    ) -> Result<LocalChange, RecordError> {
+        if field.is_empty() || field.contains(COUNTER_SEPARATOR) {
+            return Err(RecordError::BadCounterField);
+        }
+        let v = self.value_obj()?;
+        if let Some((current, _)) = self.doc.get(&v, field)? {
+            return Err(RecordError::NotACounter {
+                field: field.to_string(),
+                found: kind_name(&current),
+            });
+        }
+        let c = self.counters_obj()?;
+        let totals = self.counter_totals(&c)?;
+        let total = totals.get(field).map_or(0, |(t, _)| *t);
+        if total.checked_add(by).is_none() {
+            return Err(RecordError::CounterOverflow {
+                field: field.to_string(),
+                by,
+            });
+        }
+        let entry = format!("{field}{COUNTER_SEPARATOR}{}", self.counter_tag);
+        self.edit(stamp, |rec| {
+            if rec.doc.get(&c, entry.as_str())?.is_some() {
+                rec.doc.increment(&c, entry.as_str(), by)?;
+            } else {
+                rec.doc.put(&c, entry.as_str(), ScalarValue::counter(by))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Delete the record: remove every field and counter observed, and the `live` marker.
+    pub fn delete(&mut self, stamp: Version) -> Result<LocalChange, RecordError> {
+        if !self.exists() {
+            return Err(RecordError::NotFound);
+        }
+        let v = self.value_obj()?;
+        let c = self.counters_obj()?;
+        let result = (|| -> Result<(), RecordError> {
+            for obj in [&v, &c] {
+                let keys: Vec<String> = self.doc.keys(obj).collect();
+                for key in keys {
+                    self.doc.delete(obj, key.as_str())?;
+                }
+            }
+            self.doc.delete(ROOT, LIVE_KEY)?;
+            Ok(())
+        })();
+        self.finish(result, stamp)
+    }
+
+    /// The record as a read shows it, or `None` if it does not exist (never written, or
+    /// deleted).
+    pub fn view(&self) -> Result<Option<RecordView>, RecordError> {
+        if !self.exists() {
+            return Ok(None);
+        }
+        let v = self.value_obj()?;
+        let c = self.counters_obj()?;
+        let mut conflicts = BTreeMap::new();
+        let mut value = render_map(&self.doc, &v, "", &mut conflicts)?;
+        for (field, (total, _)) in self.counter_totals(&c)? {
+            if value.contains_key(&field) {
+                // A plain value written concurrently with the first increment: the plain
+                // value is shown, the counter is reported as the conflicting value.
+                conflicts
+                    .entry(pointer_push("", &field))
+                    .or_insert_with(Vec::new)
+                    .push(Json::from(total));
+            } else {
+                value.insert(field, Json::from(total));
+            }
+        }
+        Ok(Some(RecordView { value, conflicts }))
+    }
+
+    /// Apply changes received from another node. Returns the greatest version among them.
+    /// A change already held is a no-op.
+    pub fn apply_remote<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Option<Version>, RecordError> {
+        let mut decoded = Vec::new();
+        let mut newest: Option<Version> = None;
+        for bytes in changes {
+            let change =
+                Change::try_from(bytes).map_err(|e| RecordError::BadChange(e.to_string()))?;
+            if let Some(v) = change_version(&change) {
+                newest = newest.max(Some(v));
+            }
+            decoded.push(change);
+        }
+        self.doc.apply_changes(decoded)?;
+        Ok(newest)
+    }
+
+    /// Every change of the document except genesis, as bytes, in causal order.
+    pub fn changes(&mut self) -> Vec<Vec<u8>> {
+        let genesis_actor = ActorId::from(GENESIS_ACTOR);
+        self.doc
+            .get_changes(&[])
+            .into_iter()
+            .filter(|c| c.actor_id() != &genesis_actor)
+            .map(|c| c.raw_bytes().to_vec())
+            .collect()
+    }
+
+    /// The greatest version among the changes this document holds.
+    pub fn max_version(&mut self) -> Version {
+        self.doc
+            .get_changes(&[])
+            .iter()
+            .filter_map(change_version)
+            .max()
+            .unwrap_or(Version::ZERO)
+    }
+
+    fn edit(
+        &mut self,
+        stamp: Version,
+        body: impl FnOnce(&mut Self) -> Result<(), RecordError>,
+    ) -> Result<LocalChange, RecordError> {
+        let result = body(self).and_then(|()| {
+            self.doc
+                .put(ROOT, LIVE_KEY, stamp.to_string())
+                .map_err(RecordError::from)
+        });
+        self.finish(result, stamp)
+    }
+
+    fn finish(
+        &mut self,
+        result: Result<(), RecordError>,
+        stamp: Version,
+    ) -> Result<LocalChange, RecordError> {
+        if let Err(e) = result {
+            self.doc.rollback();
+            return Err(e);
+        }
+        let options = CommitOptions::default()
+            .with_message(stamp.to_string())
+            .with_time((stamp.unix_ms() / 1000) as i64);
+        self.doc.commit_with(options).ok_or(RecordError::NoChange)?;
+        let change = self
+            .doc
+            .get_last_local_change()
+            .ok_or(RecordError::NoChange)?;
+        Ok(LocalChange {
+            bytes: change.raw_bytes().to_vec(),
+            version: stamp,
+        })
+    }
+
+    fn object(&self, key: &str) -> Option<ObjId> {
+        match self.doc.get(ROOT, key) {
+            Ok(Some((AmValue::Object(ObjType::Map), id))) => Some(id),
+            _ => None,
+        }
+    }
+
+    fn value_obj(&self) -> Result<ObjId, RecordError> {
+        self.object(VALUE_KEY)
+            .ok_or_else(|| RecordError::Corrupt("value map missing".to_string()))
+    }
+
+    fn counters_obj(&self) -> Result<ObjId, RecordError> {
+        self.object(COUNTERS_KEY)
+            .ok_or_else(|| RecordError::Corrupt("counter map missing".to_string()))
+    }
+
+    /// Counter fields: total and the entry keys that make it up.
+    fn counter_totals(
+        &self,
+        c: &ObjId,
+    ) -> Result<BTreeMap<String, (i64, Vec<String>)>, RecordError> {
+        let mut totals: BTreeMap<String, (i64, Vec<String>)> = BTreeMap::new();
+        for entry in self.doc.keys(c) {
+            let Some((field, _writer)) = entry.rsplit_once(COUNTER_SEPARATOR) else {
+                continue;
+            };
+            let amount = match self.doc.get(c, entry.as_str())? {
+                Some((AmValue::Scalar(s), _)) => match s.as_ref() {
+                    ScalarValue::Counter(n) => i64::from(n),
+                    ScalarValue::Int(n) => *n,
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            let slot = totals.entry(field.to_string()).or_insert((0, Vec::new()));
+            slot.0 = slot.0.saturating_add(amount);
+            slot.1.push(entry);
+        }
+        Ok(totals)
+    }
+}
+
+fn check_depth(map: &Map<String, Json>) -> Result<(), RecordError> {
+    // The map itself is level 1.
+    let deepest = map.values().map(json_depth).max().unwrap_or(0) + 1;
+    if deepest > MAX_DEPTH {
+        return Err(RecordError::TooDeep);
+    }
+    Ok(())
+}
+
+fn kind_name(v: &AmValue<'_>) -> &'static str {
+    match v {
+        AmValue::Object(ObjType::Map | ObjType::Table) => "an object",
+        AmValue::Object(ObjType::List) => "an array",
+        AmValue::Object(ObjType::Text) => "a string",
+        AmValue::Scalar(s) => match s.as_ref() {
+            ScalarValue::Str(_) => "a string",
+            ScalarValue::Int(_) | ScalarValue::Uint(_) | ScalarValue::F64(_) => "a plain number",
+            ScalarValue::Boolean(_) => "a boolean",
+            ScalarValue::Null => "null",
+            _ => "a non-JSON value",
+        },
+    }
+}
+
+fn scalar_of(number: &Number) -> ScalarValue {
+    if let Some(i) = number.as_i64() {
+        ScalarValue::Int(i)
+    } else if let Some(u) = number.as_u64() {
+        ScalarValue::Uint(u)
+    } else {
+        ScalarValue::F64(number.as_f64().unwrap_or(0.0))
+    }
+}
+
+/// Put `value` under a map key as a fresh value (a new object for objects and arrays).
+fn put_new(doc: &mut AutoCommit, obj: &ObjId, key: &str, value: &Json) -> Result<(), RecordError> {
+    match value {
+        Json::Object(m) => {
+            let child = doc.put_object(obj, key, ObjType::Map)?;
+            for (k, v) in m {
+                put_new(doc, &child, k, v)?;
+            }
+        }
+        Json::Array(items) => {
+            let child = doc.put_object(obj, key, ObjType::List)?;
+            fill_list(doc, &child, items)?;
+        }
+        Json::Null => doc.put(obj, key, ScalarValue::Null)?,
+        Json::Bool(b) => doc.put(obj, key, *b)?,
+        Json::Number(n) => doc.put(obj, key, scalar_of(n))?,
+        Json::String(s) => doc.put(obj, key, s.as_str())?,
+    }
+    Ok(())
+}
+
+fn fill_list(doc: &mut AutoCommit, list: &ObjId, items: &[Json]) -> Result<(), RecordError> {
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Json::Object(m) => {
+                let child = doc.insert_object(list, i, ObjType::Map)?;
+                for (k, v) in m {
+                    put_new(doc, &child, k, v)?;
+                }
+            }
+            Json::Array(inner) => {
+                let child = doc.insert_object(list, i, ObjType::List)?;
+                fill_list(doc, &child, inner)?;
+            }
+            Json::Null => doc.insert(list, i, ScalarValue::Null)?,
+            Json::Bool(b) => doc.insert(list, i, *b)?,
+            Json::Number(n) => doc.insert(list, i, scalar_of(n))?,
+            Json::String(s) => doc.insert(list, i, s.as_str())?,
+        }
+    }
+    Ok(())
+}
+
+/// Make the map `obj` equal to `target`, touching only what differs.
+fn put_map(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    target: &Map<String, Json>,
+) -> Result<(), RecordError> {
+    let stale: Vec<String> = doc.keys(obj).filter(|k| !target.contains_key(k)).collect();
+    for key in stale {
+        doc.delete(obj, key.as_str())?;
+    }
+    for (key, value) in target {
+        set_field(doc, obj, key, value)?;
+    }
+    Ok(())
+}
+
+/// Set one map field to `value`, reusing an existing, unconflicted child object so that
+/// concurrent edits of its other fields still merge.
+fn set_field(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    key: &str,
+    value: &Json,
+) -> Result<(), RecordError> {
+    let conflicted = doc.get_all(obj, key)?.len() > 1;
+    let current = doc.get(obj, key)?.map(|(v, id)| (v.into_owned(), id));
+    match (current, value) {
+        (Some((AmValue::Object(ObjType::Map), child)), Json::Object(m)) if !conflicted => {
+            put_map(doc, &child, m)
+        }
+        (Some((current, id)), _) if !conflicted && render_value(doc, &current, &id)? == *value => {
+            Ok(())
+        }
+        _ => put_new(doc, obj, key, value),
+    }
+}
+
+/// RFC 7386 for one member of the patch.
+fn merge_patch_field(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    key: &str,
+    patch: &Json,
+) -> Result<(), RecordError> {
+    match patch {
+        Json::Null => {
+            if doc.get(obj, key)?.is_some() {
+                doc.delete(obj, key)?;
+            }
+            Ok(())
+        }
+        Json::Object(members) => {
+            let conflicted = doc.get_all(obj, key)?.len() > 1;
+            match doc.get(obj, key)?.map(|(v, id)| (v.into_owned(), id)) {
+                Some((AmValue::Object(ObjType::Map), child)) if !conflicted => {
+                    for (k, v) in members {
+                        merge_patch_field(doc, &child, k, v)?;
+                    }
+                    Ok(())
+                }
+                // Patching a non-object (or nothing) starts from {}: nulls vanish.
+                _ => put_new(doc, obj, key, &strip_nulls(patch)),
+            }
+        }
+        other => set_field(doc, obj, key, other),
+    }
+}
+
+fn strip_nulls(value: &Json) -> Json {
+    match value {
+        Json::Object(m) => Json::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), strip_nulls(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn pointer_push(path: &str, segment: &str) -> String {
+    format!("{path}/{}", segment.replace('~', "~0").replace('/', "~1"))
+}
+
+fn scalar_json(s: &ScalarValue) -> Json {
+    match s {
+        ScalarValue::Str(s) => Json::String(s.to_string()),
+        ScalarValue::Int(i) => Json::from(*i),
+        ScalarValue::Uint(u) => Json::from(*u),
+        ScalarValue::F64(f) => Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        ScalarValue::Counter(c) => Json::from(i64::from(c)),
+        ScalarValue::Timestamp(t) => Json::from(*t),
+        ScalarValue::Boolean(b) => Json::Bool(*b),
+        // Not produced by Meridian; a foreign writer's bytes render as null.
+        ScalarValue::Bytes(_) | ScalarValue::Unknown { .. } | ScalarValue::Null => Json::Null,
+    }
+}
+
+/// Render a value without collecting conflicts (used for conflict values themselves and for
+/// comparisons).
+fn render_value(doc: &AutoCommit, value: &AmValue<'_>, id: &ObjId) -> Result<Json, RecordError> {
+    let mut ignored = BTreeMap::new();
+    render_any(doc, value, id, None, &mut ignored)
+}
+
+fn render_any(
+    doc: &AutoCommit,
+    value: &AmValue<'_>,
+    id: &ObjId,
+    path: Option<&str>,
+    conflicts: &mut BTreeMap<String, Vec<Json>>,
+) -> Result<Json, RecordError> {
+    Ok(match value {
+        AmValue::Scalar(s) => scalar_json(s),
+        AmValue::Object(ObjType::Map | ObjType::Table) => match path {
+            Some(p) => Json::Object(render_map(doc, id, p, conflicts)?),
+            None => Json::Object(render_map_plain(doc, id)?),
+        },
+        AmValue::Object(ObjType::List) => {
+            let mut items = Vec::new();
+            for i in 0..doc.length(id) {
+                let item_path = path.map(|p| format!("{p}/{i}"));
+                items.push(render_slot(doc, id, i.into(), item_path, conflicts)?);
+            }
+            Json::Array(items)
+        }
+        AmValue::Object(ObjType::Text) => Json::String(doc.text(id)?),
+    })
+}
+
+fn render_map_plain(doc: &AutoCommit, obj: &ObjId) -> Result<Map<String, Json>, RecordError> {
+    let mut ignored = BTreeMap::new();
+    let mut out = Map::new();
+    for key in doc.keys(obj) {
+        let v = render_slot(doc, obj, key.as_str().into(), None, &mut ignored)?;
+        out.insert(key, v);
+    }
+    Ok(out)
+}
+
+fn render_map(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    path: &str,
+    conflicts: &mut BTreeMap<String, Vec<Json>>,
+) -> Result<Map<String, Json>, RecordError> {
+    let mut out = Map::new();
+    for key in doc.keys(obj) {
+        let field_path = pointer_push(path, &key);
+        let v = render_slot(doc, obj, key.as_str().into(), Some(field_path), conflicts)?;
+        out.insert(key, v);
+    }
+    Ok(out)
+}
+
+/// Render the winning value at `prop`, recording the losers under `path` when given.
+fn render_slot(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    prop: automerge::Prop,
+    path: Option<String>,
+    conflicts: &mut BTreeMap<String, Vec<Json>>,
+) -> Result<Json, RecordError> {
+    let Some((winner, winner_id)) = doc.get(obj, prop.clone())? else {
+        return Ok(Json::Null);
+    };
+    if let Some(p) = &path {
+        let all = doc.get_all(obj, prop)?;
+        if all.len() > 1 {
+            let mut losers = Vec::new();
+            for (v, id) in all.iter().filter(|(_, id)| *id != winner_id) {
+                losers.push(render_value(doc, v, id)?);
+            }
+            conflicts.insert(p.clone(), losers);
+        }
+    }
+    render_any(doc, &winner, &winner_id, path.as_deref(), conflicts)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,379 @@
+use super::*;
+use proptest::prelude::*;
+use serde_json::json;
+
+fn actor(n: u8) -> ActorId {
+    ActorId::from(vec![n; 16])
+}
+
+fn stamp(t: u64, node: u64) -> Version {
+    Version {
+        time_ntp64: t,
+        node_hlc_id: node,
+    }
+}
+
+fn obj(v: Json) -> Map<String, Json> {
+    match v {
+        Json::Object(m) => m,
+        other => panic!("test value is not an object: {other}"),
+    }
+}
+
+fn view(doc: &RecordDoc) -> RecordView {
+    doc.view().expect("view").expect("record exists")
+}
+
+/// Exchange every change between two replicas, in the given direction order.
+fn sync(a: &mut RecordDoc, b: &mut RecordDoc) {
+    let from_a = a.changes();
+    let from_b = b.changes();
+    b.apply_remote(from_a.iter().map(Vec::as_slice))
+        .expect("b applies a");
+    a.apply_remote(from_b.iter().map(Vec::as_slice))
+        .expect("a applies b");
+}
+
+#[test]
+fn put_then_view_returns_the_value() {
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    assert!(doc.view().unwrap().is_none());
+    let value = json!({"name": "ada", "n": 3, "x": 1.5, "ok": true, "none": null,
+                       "tags": ["a", {"b": [1, 2]}], "nested": {"deep": {"er": "yes"}}});
+    doc.put(&obj(value.clone()), stamp(10, 1)).unwrap();
+    let v = view(&doc);
+    assert_eq!(Json::Object(v.value), value);
+    assert!(v.conflicts.is_empty());
+}
+
+#[test]
+fn put_removes_fields_left_out() {
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    doc.put(&obj(json!({"a": 1, "b": {"c": 2, "d": 3}})), stamp(1, 1))
+        .unwrap();
+    doc.put(&obj(json!({"b": {"d": 4}})), stamp(2, 1)).unwrap();
+    assert_eq!(Json::Object(view(&doc).value), json!({"b": {"d": 4}}));
+}
+
+#[test]
+fn patch_follows_rfc_7386() {
+    // The example of RFC 7386 section 3.
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    doc.put(
+        &obj(
+            json!({"title": "Goodbye!", "author": {"givenName": "John", "familyName": "Doe"},
+                    "tags": ["example", "sample"], "content": "This will be unchanged"}),
+        ),
+        stamp(1, 1),
+    )
+    .unwrap();
+    doc.patch(
+        &obj(json!({"title": "Hello!", "phoneNumber": "+01-123-456-7890",
+                    "author": {"familyName": null}, "tags": ["example"]})),
+        stamp(2, 1),
+    )
+    .unwrap();
+    assert_eq!(
+        Json::Object(view(&doc).value),
+        json!({"title": "Hello!", "author": {"givenName": "John"}, "tags": ["example"],
+               "content": "This will be unchanged", "phoneNumber": "+01-123-456-7890"})
+    );
+    // Patching a scalar with an object starts from {} and drops nulls.
+    doc.patch(&obj(json!({"title": {"a": 1, "b": null}})), stamp(3, 1))
+        .unwrap();
+    assert_eq!(view(&doc).value["title"], json!({"a": 1}));
+}
+
+#[test]
+fn patch_on_a_missing_record_creates_it() {
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    doc.patch(&obj(json!({"a": 1, "gone": null})), stamp(1, 1))
+        .unwrap();
+    assert_eq!(Json::Object(view(&doc).value), json!({"a": 1}));
+}
+
+#[test]
+fn incr_creates_and_adds_and_refuses_non_counters() {
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    doc.incr("hits", 2, stamp(1, 1)).unwrap();
+    doc.incr("hits", 5, stamp(2, 1)).unwrap();
+    doc.incr("hits", -1, stamp(3, 1)).unwrap();
+    assert_eq!(view(&doc).value["hits"], json!(6));
+    doc.patch(&obj(json!({"name": "x"})), stamp(4, 1)).unwrap();
+    let err = doc.incr("name", 1, stamp(5, 1)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RecordError::NotACounter {
+                found: "a string",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        view(&doc).value["hits"],
+        json!(6),
+        "a refused incr changes nothing"
+    );
+    assert!(matches!(
+        doc.incr("hits", i64::MAX, stamp(6, 1)),
+        Err(RecordError::CounterOverflow { .. })
+    ));
+}
+
+#[test]
+fn put_keeps_a_counter_when_its_total_is_unchanged_and_replaces_it_otherwise() {
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    doc.incr("hits", 3, stamp(1, 1)).unwrap();
+    doc.put(&obj(json!({"hits": 3, "a": 1})), stamp(2, 1))
+        .unwrap();
+    doc.incr("hits", 1, stamp(3, 1)).expect("still a counter");
+    assert_eq!(view(&doc).value["hits"], json!(4));
+    doc.put(&obj(json!({"hits": 10})), stamp(4, 1)).unwrap();
+    assert!(matches!(
+        doc.incr("hits", 1, stamp(5, 1)),
+        Err(RecordError::NotACounter { .. })
+    ));
+    assert_eq!(Json::Object(view(&doc).value), json!({"hits": 10}));
+}
+
+#[test]
+fn delete_hides_the_record_and_a_second_delete_is_not_found() {
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    doc.put(&obj(json!({"a": 1})), stamp(1, 1)).unwrap();
+    doc.incr("n", 1, stamp(2, 1)).unwrap();
+    doc.delete(stamp(3, 1)).unwrap();
+    assert!(doc.view().unwrap().is_none());
+    assert!(matches!(
+        doc.delete(stamp(4, 1)),
+        Err(RecordError::NotFound)
+    ));
+    doc.put(&obj(json!({"b": 2})), stamp(5, 1)).unwrap();
+    assert_eq!(Json::Object(view(&doc).value), json!({"b": 2}));
+}
+
+#[test]
+fn genesis_is_identical_so_concurrent_creations_merge_field_by_field() {
+    let mut a = RecordDoc::new(actor(1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    a.put(&obj(json!({"from_a": 1})), stamp(1, 1)).unwrap();
+    b.put(&obj(json!({"from_b": 2})), stamp(1, 2)).unwrap();
+    sync(&mut a, &mut b);
+    let va = view(&a);
+    assert_eq!(
+        Json::Object(va.value.clone()),
+        json!({"from_a": 1, "from_b": 2})
+    );
+    assert_eq!(va, view(&b));
+}
+
+#[test]
+fn concurrent_first_increments_all_count() {
+    let mut a = RecordDoc::new(actor(1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    a.incr("n", 1, stamp(1, 1)).unwrap();
+    b.incr("n", 1, stamp(1, 2)).unwrap();
+    b.incr("n", 3, stamp(2, 2)).unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(view(&a).value["n"], json!(5));
+    a.incr("n", 10, stamp(3, 1)).unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(view(&a).value["n"], json!(15));
+    assert_eq!(view(&a), view(&b));
+}
+
+#[test]
+fn concurrent_writes_to_one_field_show_the_loser_as_a_conflict() {
+    let mut a = RecordDoc::new(actor(1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    a.put(&obj(json!({"color": "red", "size": 1})), stamp(1, 1))
+        .unwrap();
+    sync(&mut a, &mut b);
+    a.patch(&obj(json!({"color": "green"})), stamp(2, 1))
+        .unwrap();
+    b.patch(&obj(json!({"color": "blue", "size": 2})), stamp(2, 2))
+        .unwrap();
+    sync(&mut a, &mut b);
+    let (va, vb) = (view(&a), view(&b));
+    assert_eq!(va, vb);
+    let winner = va.value["color"].clone();
+    let losers = &va.conflicts["/color"];
+    assert_eq!(losers.len(), 1);
+    let mut both = vec![winner, losers[0].clone()];
+    both.sort_by_key(|v| v.to_string());
+    assert_eq!(both, vec![json!("blue"), json!("green")]);
+    assert_eq!(va.value["size"], json!(2));
+    assert!(!va.conflicts.contains_key("/size"));
+    // Writing the field again resolves the conflict.
+    a.patch(&obj(json!({"color": "black"})), stamp(3, 1))
+        .unwrap();
+    assert!(view(&a).conflicts.is_empty());
+}
+
+#[test]
+fn a_concurrent_update_survives_a_delete() {
+    let mut a = RecordDoc::new(actor(1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    a.put(&obj(json!({"old": 1, "keep": 2})), stamp(1, 1))
+        .unwrap();
+    sync(&mut a, &mut b);
+    a.delete(stamp(2, 1)).unwrap();
+    b.patch(&obj(json!({"new": 3})), stamp(2, 2)).unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(Json::Object(view(&a).value), json!({"new": 3}));
+    assert_eq!(view(&a), view(&b));
+}
+
+#[test]
+fn save_load_and_appended_changes_round_trip() {
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    doc.put(&obj(json!({"a": 1})), stamp(1, 1)).unwrap();
+    let mut stored = doc.save();
+    let change = doc.patch(&obj(json!({"b": [1, 2]})), stamp(2, 1)).unwrap();
+    stored.extend_from_slice(&change.bytes);
+    let mut loaded = RecordDoc::load(&stored, actor(1)).unwrap();
+    assert_eq!(view(&loaded), view(&doc));
+    assert_eq!(loaded.max_version(), stamp(2, 1));
+    assert!(RecordDoc::load(b"not a document", actor(1)).is_err());
+    assert!(RecordDoc::load(&stored[..stored.len() / 2], actor(1)).is_err());
+}
+
+#[test]
+fn applying_a_change_twice_is_a_no_op() {
+    let mut a = RecordDoc::new(actor(1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    let change = a.incr("n", 4, stamp(1, 1)).unwrap();
+    for _ in 0..3 {
+        let newest = b.apply_remote([change.bytes.as_slice()]).unwrap();
+        assert_eq!(newest, Some(stamp(1, 1)));
+    }
+    assert_eq!(view(&b).value["n"], json!(4));
+    assert!(b.apply_remote([&b"garbage"[..]]).is_err());
+}
+
+#[test]
+fn json_depth_counts_levels() {
+    assert_eq!(json_depth(&json!(1)), 0);
+    assert_eq!(json_depth(&json!({})), 1);
+    assert_eq!(json_depth(&json!({"a": [{"b": 1}]})), 3);
+    let mut deep = json!(1);
+    for _ in 0..40 {
+        deep = json!({ "x": deep });
+    }
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    assert!(matches!(
+        doc.put(&obj(deep), stamp(1, 1)),
+        Err(RecordError::TooDeep)
+    ));
+}
+
+fn arb_json() -> impl Strategy<Value = Json> {
+    let leaf = prop_oneof![
+        Just(Json::Null),
+        any::<bool>().prop_map(Json::Bool),
+        any::<i64>().prop_map(Json::from),
+        any::<u64>().prop_map(Json::from),
+        (-1e12f64..1e12f64).prop_map(Json::from),
+        ".{0,12}".prop_map(Json::String),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Json::Array),
+            prop::collection::btree_map(".{0,8}", inner, 0..5)
+                .prop_map(|m| Json::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn arb_object() -> impl Strategy<Value = Map<String, Json>> {
+    prop::collection::btree_map(".{0,8}", arb_json(), 0..6).prop_map(|m| m.into_iter().collect())
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Put(Map<String, Json>),
+    Patch(Map<String, Json>),
+    Incr(String, i64),
+    Delete,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    let field = prop_oneof![
+        Just("a".to_string()),
+        Just("b".to_string()),
+        Just("n".to_string())
+    ];
+    let small = || {
+        prop::collection::btree_map(
+            prop_oneof![
+                Just("a".to_string()),
+                Just("b".to_string()),
+                Just("n".to_string())
+            ],
+            arb_json(),
+            0..3,
+        )
+        .prop_map(|m| m.into_iter().collect::<Map<_, _>>())
+    };
+    prop_oneof![
+        small().prop_map(Op::Put),
+        small().prop_map(Op::Patch),
+        (field, -5i64..5).prop_map(|(f, by)| Op::Incr(f, by)),
+        Just(Op::Delete),
+    ]
+}
+
+fn run(doc: &mut RecordDoc, ops: &[Op], node: u64) {
+    for (i, op) in ops.iter().enumerate() {
+        let s = stamp(100 + i as u64, node);
+        // Refusals (incr of a non-counter, delete of a missing record) are legitimate outcomes.
+        let _ = match op {
+            Op::Put(m) => doc.put(m, s),
+            Op::Patch(m) => doc.patch(m, s),
+            Op::Incr(f, by) => doc.incr(f, *by, s),
+            Op::Delete => doc.delete(s),
+        };
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn any_json_object_round_trips(value in arb_object()) {
+        let mut doc = RecordDoc::new(actor(1)).unwrap();
+        doc.put(&value, stamp(1, 1)).unwrap();
+        prop_assert_eq!(&view(&doc).value, &value);
+        let mut loaded = RecordDoc::load(&doc.save(), actor(1)).unwrap();
+        prop_assert_eq!(&view(&loaded).value, &value);
+        // A second put of the same value changes nothing but the version.
+        loaded.put(&value, stamp(2, 1)).unwrap();
+        prop_assert_eq!(&view(&loaded).value, &value);
+    }
+
+    #[test]
+    fn concurrent_edits_merge_identically_in_either_order(
+        base in prop::collection::vec(arb_op(), 0..4),
+        left in prop::collection::vec(arb_op(), 0..6),
+        right in prop::collection::vec(arb_op(), 0..6),
+    ) {
+        let mut a = RecordDoc::new(actor(1)).unwrap();
+        run(&mut a, &base, 1);
+        let mut b = RecordDoc::new(actor(2)).unwrap();
+        b.apply_remote(a.changes().iter().map(Vec::as_slice)).unwrap();
+        run(&mut a, &left, 1);
+        run(&mut b, &right, 2);
+        let (from_a, from_b) = (a.changes(), b.changes());
+        // a merges b's changes; a fresh replica c merges them in the opposite order.
+        a.apply_remote(from_b.iter().map(Vec::as_slice)).unwrap();
+        b.apply_remote(from_a.iter().map(Vec::as_slice)).unwrap();
+        let mut c = RecordDoc::new(actor(3)).unwrap();
+        c.apply_remote(from_b.iter().map(Vec::as_slice)).unwrap();
+        c.apply_remote(from_a.iter().map(Vec::as_slice)).unwrap();
+        let va = a.view().unwrap();
+        prop_assert_eq!(&va, &b.view().unwrap());
+        prop_assert_eq!(&va, &c.view().unwrap());
+        prop_assert_eq!(a.max_version(), c.max_version());
+    }
+}
