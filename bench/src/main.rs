@@ -1,6 +1,7 @@
 //! `meridian-bench`: benchmarks for Meridian. Each scenario is a subcommand;
 //! `all` runs every scenario in turn.
 
+mod cpu;
 mod error;
 mod fsync;
 mod http;

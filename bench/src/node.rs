@@ -175,6 +175,10 @@ impl NodeGuard {
         }
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `Some(status)` if the node process has exited.
     pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
         match self.child.as_mut() {

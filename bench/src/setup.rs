@@ -188,6 +188,11 @@ impl BenchEnv {
         Ok(())
     }
 
+    /// The process id of a spawned node.
+    pub fn node_pid(&self) -> Option<u32> {
+        self.node.as_ref().and_then(NodeGuard::pid)
+    }
+
     /// Fails if the spawned node has died.
     pub fn check_node(&mut self) -> Result<()> {
         match self.node.as_mut() {

@@ -10,6 +10,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::CommonArgs;
+use crate::cpu::CpuMeter;
 use crate::error::{Context, Error, Result};
 use crate::fsync::{self, FsyncMode, FsyncStats};
 use crate::http::{self, make_body};
@@ -91,6 +92,10 @@ pub struct ThroughputStats {
     /// Failed requests, warm-up included.
     pub errors: u64,
     pub clients_gave_up: u64,
+    /// CPU used by this bench process over the level (warm-up included), in cores.
+    pub client_cpu_cores: Option<f64>,
+    /// CPU used by the spawned node over the level, in cores (None for --target).
+    pub node_cpu_cores: Option<f64>,
     #[serde(flatten)]
     pub latency: LatencyMs,
 }
@@ -241,6 +246,19 @@ impl WriteReport {
                 String::new(),
             ));
             rows.push(Row::new(&name, "errors", t.errors.to_string(), "0".into()));
+            let cores = |c: Option<f64>| c.map_or_else(|| "?".into(), |c| format!("{c:.2} cores"));
+            if t.client_cpu_cores.is_some() || t.node_cpu_cores.is_some() {
+                rows.push(Row::new(
+                    &name,
+                    "cpu",
+                    format!(
+                        "node {}, client {}",
+                        cores(t.node_cpu_cores),
+                        cores(t.client_cpu_cores)
+                    ),
+                    String::new(),
+                ));
+            }
         }
         rows
     }
@@ -404,7 +422,12 @@ pub async fn run(common: &CommonArgs, opts: &WriteOpts) -> Result<WriteReport> {
                 "meridian-bench: throughput: {clients} clients, {} s warm-up + {} s measured",
                 opts.warmup_secs, opts.duration_secs
             );
-            let (stats, errors) = throughput_run(&http, &base, opts, clients).await;
+            let client_cpu = CpuMeter::start(None);
+            let node_pid = env.node_pid();
+            let node_cpu = node_pid.map(|p| CpuMeter::start(Some(p)));
+            let (mut stats, errors) = throughput_run(&http, &base, opts, clients).await;
+            stats.client_cpu_cores = client_cpu.cores();
+            stats.node_cpu_cores = node_cpu.and_then(|m| m.cores());
             if stats.errors > 0 {
                 failures.push(format!(
                     "{} writes failed at {clients} clients; first: {}",
@@ -581,6 +604,8 @@ async fn throughput_run(
         },
         errors,
         clients_gave_up: gave_up,
+        client_cpu_cores: None,
+        node_cpu_cores: None,
         latency: LatencyMs::from_histogram(&hist),
     };
     (stats, first_errors)
