@@ -4,11 +4,12 @@
 //! * `records`: record key → [`StoredRecord`] (header, rendered view, automerge document bytes).
 //! * `changes`: (origin node id, HLC time) → [`LogEntry`], the per-origin change log that the
 //!   replication layer streams from. Keys of one origin are in HLC order, so appends are cheap.
-//! * `meta`: node identity (node id, incarnation) and the newest HLC stamp issued here.
+//! * `meta`: node identity (node id, incarnation, format). The newest HLC stamp issued here is
+//!   not stored separately: it is the last key of this node's own change log.
 //! * `idempotency`: `Idempotency-Key` → fingerprint of the request and the first answer.
 //!
-//! Architecture invariant: a record, the log entry of the change that produced it and the HLC
-//! high-water mark are written in one transaction, so they never disagree after a crash.
+//! Architecture invariant: a record and the log entry of the change that produced it are written
+//! in one transaction, so they never disagree after a crash.
 
 use std::path::{Path, PathBuf};
 
@@ -24,7 +25,6 @@ const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempote
 
 const META_NODE_ID: &str = "node_id";
 const META_INCARNATION: &str = "incarnation";
-const META_HLC: &str = "hlc";
 const META_FORMAT: &str = "format";
 const FORMAT_VERSION: u32 = 1;
 
@@ -333,7 +333,20 @@ impl Store {
                 .ok_or_else(|| corrupt("incarnation", "exhausted"))?;
             meta.insert(META_INCARNATION, &incarnation.to_be_bytes()[..])
                 .map_err(dberr)?;
-            let last_hlc = read_version(&meta, META_HLC)?.unwrap_or(Version::ZERO);
+            // The newest stamp issued here is the last key of this node's own change log:
+            // derived, so commits need not write it again.
+            let changes = txn.open_table(CHANGES).map_err(dberr)?;
+            let last_time = changes
+                .range((node_id, 0)..=(node_id, u64::MAX))
+                .map_err(dberr)?
+                .next_back()
+                .transpose()
+                .map_err(dberr)?
+                .map_or(0, |(k, _)| k.value().1);
+            let last_hlc = Version {
+                time_ntp64: last_time,
+                node_hlc_id: 0,
+            };
             Identity {
                 node_id: node_id.to_string(),
                 incarnation,
@@ -450,9 +463,7 @@ impl Store {
         {
             let mut records = txn.open_table(RECORDS).map_err(dberr)?;
             let mut changes = txn.open_table(CHANGES).map_err(dberr)?;
-            let mut meta = txn.open_table(META).map_err(dberr)?;
             let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(dberr)?;
-            let mut newest = read_version(&meta, META_HLC)?.unwrap_or(Version::ZERO);
             for item in items {
                 if let Some((idem_key, answer)) = &item.idempotency {
                     let earlier = idempotency
@@ -488,11 +499,8 @@ impl Store {
                         entry.encode().as_slice(),
                     )
                     .map_err(dberr)?;
-                newest = newest.max(item.record.version);
                 outcomes.push(ItemOutcome::Applied);
             }
-            meta.insert(META_HLC, version_bytes(newest).as_slice())
-                .map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
         Ok(outcomes)
@@ -550,34 +558,6 @@ fn read_u32(
         .try_into()
         .map_err(|_| corrupt(format!("meta {key}"), "expected 4 bytes"))?;
     Ok(Some(u32::from_be_bytes(bytes)))
-}
-
-fn version_bytes(v: Version) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&v.time_ntp64.to_be_bytes());
-    out[8..].copy_from_slice(&v.node_hlc_id.to_be_bytes());
-    out
-}
-
-fn read_version(
-    table: &impl ReadableTable<&'static str, &'static [u8]>,
-    key: &str,
-) -> Result<Option<Version>, StoreError> {
-    let Some(guard) = table.get(key).map_err(dberr)? else {
-        return Ok(None);
-    };
-    let bytes: [u8; 16] = guard
-        .value()
-        .try_into()
-        .map_err(|_| corrupt(format!("meta {key}"), "expected 16 bytes"))?;
-    let mut t = [0u8; 8];
-    let mut n = [0u8; 8];
-    t.copy_from_slice(&bytes[..8]);
-    n.copy_from_slice(&bytes[8..]);
-    Ok(Some(Version {
-        time_ntp64: u64::from_be_bytes(t),
-        node_hlc_id: u64::from_be_bytes(n),
-    }))
 }
 
 /// A record as `meridian dump` lists it.

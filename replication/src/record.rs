@@ -136,8 +136,14 @@ pub struct RecordDoc {
 impl RecordDoc {
     /// A record that does not exist yet: only the genesis change.
     pub fn new(actor: ActorId) -> Result<Self, RecordError> {
+        // Building genesis costs tens of microseconds; a clone of a built one is a copy.
+        static GENESIS: std::sync::OnceLock<Result<AutoCommit, String>> =
+            std::sync::OnceLock::new();
         let counter_tag = actor.to_hex_string();
-        let mut doc = genesis()?;
+        let mut doc = GENESIS
+            .get_or_init(|| genesis().map_err(|e| e.to_string()))
+            .clone()
+            .map_err(RecordError::Corrupt)?;
         doc.set_actor(actor);
         Ok(RecordDoc { doc, counter_tag })
     }
@@ -290,7 +296,7 @@ impl RecordDoc {
         let v = self.value_obj()?;
         let c = self.counters_obj()?;
         let mut conflicts = BTreeMap::new();
-        let mut value = render_map(&self.doc, &v, "", &mut conflicts)?;
+        let mut value = render_map(&self.doc, &v, Some(""), &mut conflicts)?;
         for (field, (total, _)) in self.counter_totals(&c)? {
             if value.contains_key(&field) {
                 // A plain value written concurrently with the first increment: the plain
@@ -608,6 +614,7 @@ fn render_value(doc: &AutoCommit, value: &AmValue<'_>, id: &ObjId) -> Result<Jso
     render_any(doc, value, id, None, &mut ignored)
 }
 
+/// Render `value` (whose object id is `id`); with a `path`, record conflicts below it.
 fn render_any(
     doc: &AutoCommit,
     value: &AmValue<'_>,
@@ -617,15 +624,29 @@ fn render_any(
 ) -> Result<Json, RecordError> {
     Ok(match value {
         AmValue::Scalar(s) => scalar_json(s),
-        AmValue::Object(ObjType::Map | ObjType::Table) => match path {
-            Some(p) => Json::Object(render_map(doc, id, p, conflicts)?),
-            None => Json::Object(render_map_plain(doc, id)?),
-        },
+        AmValue::Object(ObjType::Map | ObjType::Table) => {
+            Json::Object(render_map(doc, id, path, conflicts)?)
+        }
         AmValue::Object(ObjType::List) => {
             let mut items = Vec::new();
-            for i in 0..doc.length(id) {
-                let item_path = path.map(|p| format!("{p}/{i}"));
-                items.push(render_slot(doc, id, i.into(), item_path, conflicts)?);
+            // One pass over the visible values; conflicting ones are looked up separately.
+            for item in doc.list_range(id, ..) {
+                let item_path = path.map(|p| format!("{p}/{}", item.index));
+                let item_id = item.id();
+                let item_value = AmValue::from(item.value);
+                if item.conflict
+                    && let Some(p) = &item_path
+                {
+                    let losers = losers(doc, id, item.index.into(), &item_id)?;
+                    conflicts.insert(p.clone(), losers);
+                }
+                items.push(render_any(
+                    doc,
+                    &item_value,
+                    &item_id,
+                    item_path.as_deref(),
+                    conflicts,
+                )?);
             }
             Json::Array(items)
         }
@@ -633,53 +654,44 @@ fn render_any(
     })
 }
 
-fn render_map_plain(doc: &AutoCommit, obj: &ObjId) -> Result<Map<String, Json>, RecordError> {
-    let mut ignored = BTreeMap::new();
-    let mut out = Map::new();
-    for key in doc.keys(obj) {
-        let v = render_slot(doc, obj, key.as_str().into(), None, &mut ignored)?;
-        out.insert(key, v);
-    }
-    Ok(out)
-}
-
 fn render_map(
     doc: &AutoCommit,
     obj: &ObjId,
-    path: &str,
+    path: Option<&str>,
     conflicts: &mut BTreeMap<String, Vec<Json>>,
 ) -> Result<Map<String, Json>, RecordError> {
     let mut out = Map::new();
-    for key in doc.keys(obj) {
-        let field_path = pointer_push(path, &key);
-        let v = render_slot(doc, obj, key.as_str().into(), Some(field_path), conflicts)?;
-        out.insert(key, v);
+    for item in doc.map_range(obj, ..) {
+        let key = item.key.to_string();
+        let field_path = path.map(|p| pointer_push(p, &key));
+        let item_id = item.id();
+        let item_value = AmValue::from(item.value);
+        if item.conflict
+            && let Some(p) = &field_path
+        {
+            let losers = losers(doc, obj, key.as_str().into(), &item_id)?;
+            conflicts.insert(p.clone(), losers);
+        }
+        let rendered = render_any(doc, &item_value, &item_id, field_path.as_deref(), conflicts)?;
+        out.insert(key, rendered);
     }
     Ok(out)
 }
 
-/// Render the winning value at `prop`, recording the losers under `path` when given.
-fn render_slot(
+/// The values at `prop` other than the winner, rendered.
+fn losers(
     doc: &AutoCommit,
     obj: &ObjId,
     prop: automerge::Prop,
-    path: Option<String>,
-    conflicts: &mut BTreeMap<String, Vec<Json>>,
-) -> Result<Json, RecordError> {
-    let Some((winner, winner_id)) = doc.get(obj, prop.clone())? else {
-        return Ok(Json::Null);
-    };
-    if let Some(p) = &path {
-        let all = doc.get_all(obj, prop)?;
-        if all.len() > 1 {
-            let mut losers = Vec::new();
-            for (v, id) in all.iter().filter(|(_, id)| *id != winner_id) {
-                losers.push(render_value(doc, v, id)?);
-            }
-            conflicts.insert(p.clone(), losers);
+    winner: &ObjId,
+) -> Result<Vec<Json>, RecordError> {
+    let mut out = Vec::new();
+    for (v, id) in doc.get_all(obj, prop)? {
+        if id != *winner {
+            out.push(render_value(doc, &v, &id)?);
         }
     }
-    render_any(doc, &winner, &winner_id, path.as_deref(), conflicts)
+    Ok(out)
 }
 
 #[cfg(test)]

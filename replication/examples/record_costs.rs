@@ -1,0 +1,71 @@
+//! Prints the CPU cost of the record operations on the write path, for profiling:
+//! `cargo run --release -p meridian-replication --example record_costs`.
+use std::time::Instant;
+
+use automerge::ActorId;
+use meridian_replication::{RecordDoc, Version};
+use serde_json::json;
+
+fn main() {
+    let value = json!({"name": "user-00042", "email": "user42@example.org", "n": 42,
+                       "tags": ["a", "b"], "active": true, "pad": "x".repeat(60)});
+    let map = value.as_object().cloned().unwrap_or_default();
+    let n = 2000u64;
+    let actor = ActorId::from(vec![7u8; 16]);
+    let stamp = |i: u64| Version {
+        time_ntp64: 1 << 40 | i << 4,
+        node_hlc_id: 1,
+    };
+
+    let t = Instant::now();
+    let mut docs: Vec<RecordDoc> = (0..n)
+        .map(|_| RecordDoc::new(actor.clone()).expect("new"))
+        .collect();
+    let new_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    let t = Instant::now();
+    let mut changes = Vec::new();
+    for (i, d) in docs.iter_mut().enumerate() {
+        changes.push(d.put(&map, stamp(i as u64)).expect("put"));
+    }
+    let put_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    let t = Instant::now();
+    for d in &docs {
+        let _ = d.view().expect("view");
+    }
+    let view_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    let t = Instant::now();
+    let saved: Vec<Vec<u8>> = docs.iter_mut().map(|d| d.save()).collect();
+    let save_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    let t = Instant::now();
+    for (i, d) in docs.iter_mut().enumerate() {
+        let mut m = map.clone();
+        m.insert("n".into(), json!(i));
+        d.put(&m, stamp(n + i as u64)).expect("put");
+    }
+    let update_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    let t = Instant::now();
+    for s in &saved {
+        let _ = RecordDoc::load(s, actor.clone()).expect("load");
+    }
+    let load_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    let t = Instant::now();
+    let mut fresh: Vec<RecordDoc> = (0..n)
+        .map(|_| RecordDoc::new(ActorId::from(vec![9u8; 16])).expect("new"))
+        .collect();
+    for (d, c) in fresh.iter_mut().zip(&changes) {
+        d.apply_remote([c.bytes.as_slice()]).expect("apply");
+    }
+    let apply_us = t.elapsed().as_secs_f64() * 1e6 / n as f64 - new_us;
+
+    println!(
+        "per record, µs: new {new_us:.1}  first put {put_us:.1}  view {view_us:.1}  save {save_us:.1}  update put {update_us:.1}  load {load_us:.1}  apply remote {apply_us:.1}  (saved {} B, change {} B)",
+        saved[0].len(),
+        changes[0].bytes.len()
+    );
+}
