@@ -4,9 +4,11 @@
 
 pub mod api;
 pub mod clock;
+pub mod dev;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod topology;

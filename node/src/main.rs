@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use meridian_node::logging::{self, LogFormat};
 use meridian_node::topology::{self, Topology, TopologyError};
-use meridian_node::{clock, server, storage};
+use meridian_node::{clock, dev, server, storage, tls};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +54,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate a development CA and a certificate/key pair per node of the topology.
+    Certs {
+        #[arg(long)]
+        topology: PathBuf,
+        /// Folder for ca.pem, ca.key, <node>.pem and <node>.key (an existing CA pair there is
+        /// reused).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Start a complete local cluster (one node per region) and run until Ctrl-C.
+    Dev {
+        /// Number of regions, one node each (default 3; ignored when DIR already holds a
+        /// topology).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=9))]
+        regions: Option<u8>,
+        /// The cluster's folder: topology, certificates, data and logs. Reused if it exists.
+        #[arg(long, default_value = "meridian-dev")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,6 +101,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Dump { data_dir, json } => dump(&data_dir, json),
+        Command::Certs { topology, out } => certs(&topology, &out),
+        Command::Dev { regions, dir } => dev(regions, dir, cli.log_format),
         Command::Serve {
             topology,
             node,
@@ -212,4 +233,72 @@ fn dump(data_dir: &std::path::Path, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn certs(topology_path: &std::path::Path, out: &std::path::Path) -> ExitCode {
+    let topology = match load_topology(topology_path) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    tls::install_crypto_provider();
+    match tls::generate_certs(&topology, out) {
+        Ok(report) => {
+            if report.ca_reused {
+                println!("kept the existing CA in {}", out.display());
+            }
+            for path in &report.written {
+                println!("wrote {}", path.display());
+            }
+            // Compared after writing, when both folders exist and canonicalize can resolve them.
+            let same = |a: &std::path::Path, b: &std::path::Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+            if !same(out, &topology.tls.cert_dir) {
+                println!(
+                    "note: {} expects node certificates in {}",
+                    topology_path.display(),
+                    topology.tls.cert_dir.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn dev(regions: Option<u8>, dir: PathBuf, log_format: LogFormat) -> ExitCode {
+    tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let options = dev::DevOptions {
+        regions: regions.map(usize::from),
+        dir,
+        log_format,
+    };
+    match runtime.block_on(dev::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Failures while running were reported (with the node's log) where they happened.
+            if !matches!(
+                e,
+                dev::DevError::NodeExited { .. } | dev::DevError::NotReady { .. }
+            ) {
+                eprintln!("error: {e}");
+            }
+            if e.is_invalid_input() {
+                ExitCode::from(EXIT_INVALID)
+            } else {
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        }
+    }
 }

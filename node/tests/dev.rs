@@ -1,0 +1,231 @@
+//! `meridian dev` with the real binary: a two-region cluster starts, answers, stops cleanly on
+//! SIGTERM leaving no node behind, and a second run on the same folder reuses the topology
+//! (same ports) and the data.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use meridian_node::topology::Topology;
+use reqwest::Client;
+use serde_json::{Value, json};
+
+const READY_DEADLINE: Duration = Duration::from_secs(90);
+const EXIT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A `meridian dev` process; stopped (SIGTERM, then SIGKILL) if a test fails midway.
+struct Dev {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Dev {
+    fn start(dir: &Path, run: &str) -> Dev {
+        let stdout = dir.with_extension(format!("{run}.out"));
+        let stderr = dir.with_extension(format!("{run}.err"));
+        let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["dev", "--regions", "2", "--dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("create stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("create stderr file"))
+            .spawn()
+            .expect("spawn meridian dev");
+        Dev {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    async fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SIGTERM first, so that the supervisor stops its nodes.
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < EXIT_DEADLINE {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits for the topology the dev process writes, then for every node's `/readyz`.
+async fn wait_cluster(dev: &mut Dev, dir: &Path, client: &Client) -> Topology {
+    let start = Instant::now();
+    let path = dir.join("topology.toml");
+    let topology = loop {
+        if let Ok(t) = Topology::load(&path) {
+            break t;
+        }
+        if let Some(status) = dev.child.try_wait().expect("try_wait") {
+            panic!("meridian dev exited ({status}) early:\n{}", dev.output());
+        }
+        assert!(
+            start.elapsed() < READY_DEADLINE,
+            "no topology written:\n{}",
+            dev.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for node in &topology.nodes {
+        loop {
+            let url = format!("http://{}/readyz", node.api);
+            if let Ok(r) = client.get(&url).send().await
+                && r.status() == 200
+            {
+                break;
+            }
+            if let Some(status) = dev.child.try_wait().expect("try_wait") {
+                panic!("meridian dev exited ({status}) early:\n{}", dev.output());
+            }
+            assert!(
+                start.elapsed() < READY_DEADLINE,
+                "{} not ready:\n{}",
+                node.id,
+                dev.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The supervisor's own readiness check may finish a moment after ours.
+    while !dev.output().contains("Ctrl-C stops the cluster") {
+        assert!(
+            start.elapsed() < READY_DEADLINE,
+            "meridian dev never reported the cluster ready:\n{}",
+            dev.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    topology
+}
+
+/// Processes whose command line mentions `dir` (the nodes are started with paths inside it).
+fn processes_using(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(" serve ") && cmdline.contains(&needle) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+async fn stop(mut dev: Dev, dir: &Path, topology: &Topology, client: &Client) {
+    dev.sigterm();
+    let status = dev
+        .wait_exit(EXIT_DEADLINE)
+        .await
+        .unwrap_or_else(|| panic!("meridian dev did not exit:\n{}", dev.output()));
+    assert!(status.success(), "{status}:\n{}", dev.output());
+    assert!(dev.output().contains("cluster stopped"), "{}", dev.output());
+    assert_eq!(processes_using(dir), Vec::<String>::new());
+    for node in &topology.nodes {
+        let url = format!("http://{}/readyz", node.api);
+        assert!(
+            client.get(&url).send().await.is_err(),
+            "{} still answers after the cluster stopped",
+            node.id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_starts_a_cluster_stops_cleanly_and_restarts_on_the_same_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        // No pooled connection may outlive the cluster run that accepted it.
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+
+    // First run: a new cluster.
+    let mut dev = Dev::start(&dir, "first");
+    let topology = wait_cluster(&mut dev, &dir, &client).await;
+    assert_eq!(topology.regions.len(), 2);
+    assert_eq!(topology.nodes.len(), 2);
+    for file in ["ca.pem", "ca.key"] {
+        assert!(dir.join("certs").join(file).is_file(), "{file} missing");
+    }
+    for node in &topology.nodes {
+        assert!(topology.tls.node_cert(&node.id).is_file());
+        assert!(topology.tls.node_key(&node.id).is_file());
+        assert!(dir.join("logs").join(format!("{}.log", node.id)).is_file());
+    }
+    let output = dev.output();
+    assert!(output.contains("created a cluster"), "{output}");
+    for node in &topology.nodes {
+        assert!(output.contains(&format!("http://{}", node.api)), "{output}");
+    }
+    let first_api: SocketAddr = topology.nodes[0].api;
+    let put = client
+        .put(format!("http://{first_api}/v1/kv/dev-test"))
+        .json(&json!({"run": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
+    let ca_before = std::fs::read(dir.join("certs/ca.pem")).unwrap();
+    stop(dev, &dir, &topology, &client).await;
+
+    // Second run: the same topology (same ports), CA and data.
+    let mut dev = Dev::start(&dir, "second");
+    let again = wait_cluster(&mut dev, &dir, &client).await;
+    assert_eq!(again, topology);
+    assert!(dev.output().contains("reusing"), "{}", dev.output());
+    assert_eq!(std::fs::read(dir.join("certs/ca.pem")).unwrap(), ca_before);
+    let got = client
+        .get(format!("http://{first_api}/v1/kv/dev-test"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let body: Value = got.json().await.unwrap();
+    assert_eq!(body["value"], json!({"run": 1}));
+    stop(dev, &dir, &topology, &client).await;
+}
