@@ -27,8 +27,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::NodeClock;
 use crate::metrics::{Metrics, OpLabels, OpOnly};
-use crate::storage::{IdempotentAnswer, ItemOutcome, Store, StoreError, StoredRecord, WriteItem};
+use crate::storage::{
+    IdempotentAnswer, ItemOutcome, PendingChange, PendingReason, Store, StoreError, StoredRecord,
+    WriteItem,
+};
 use crate::topology::Topology;
+use meridian_replication::core::Plan;
+use meridian_replication::wire::FrontierEntry;
 
 /// Writes waiting for the writer thread at most.
 pub const WRITE_QUEUE_CAPACITY: usize = 4096;
@@ -171,6 +176,40 @@ impl ReadRecord {
     }
 }
 
+/// One peer as the replication links see it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PeerStatus {
+    pub region: String,
+    /// We receive the peer's changes (we dialled it).
+    pub inbound_connected: bool,
+    pub inbound_since_unix_ms: Option<u64>,
+    /// We send our changes to the peer (it dialled us).
+    pub outbound_connected: bool,
+    pub outbound_since_unix_ms: Option<u64>,
+    pub changes_applied: u64,
+    pub changes_sent: u64,
+    /// Origin HLC of the newest change applied from this link vs when it was applied here.
+    pub lag_ms: Option<u64>,
+    pub last_applied_unix_ms: Option<u64>,
+    /// The peer's acknowledged frontier (what it holds of what we may send it), per origin.
+    pub peer_frontier: std::collections::BTreeMap<String, String>,
+    pub drift_refusals: u64,
+    /// Changes of records our region may not hold that this peer sent: it misbehaves.
+    pub residency_violations: u64,
+    pub last_error: Option<String>,
+}
+
+/// What one received batch did.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyStats {
+    pub applied: usize,
+    pub waiting: usize,
+    pub held_for_drift: usize,
+    pub quarantined: usize,
+    /// The greatest version among the changes applied.
+    pub newest: Option<Version>,
+}
+
 struct CachedDoc {
     doc: RecordDoc,
     stored: StoredRecord,
@@ -184,9 +223,35 @@ struct Slot {
 
 type SlotHandle = Arc<tokio::sync::Mutex<Slot>>;
 
+/// Items committed together, atomically, with the frontier raises that come with them.
 struct Job {
-    item: WriteItem,
-    reply: oneshot::Sender<Result<ItemOutcome, String>>,
+    items: Vec<WriteItem>,
+    frontier: Vec<FrontierEntry>,
+    reply: oneshot::Sender<Result<Vec<ItemOutcome>, String>>,
+}
+
+/// Stamps issued but not yet committed (or failed), and the newest stamp issued: together they
+/// give the point up to which this node's own change log is complete.
+#[derive(Default)]
+struct StampBook {
+    in_flight: std::collections::BTreeSet<u64>,
+    newest: u64,
+}
+
+/// Releases a stamp from the [`StampBook`] when the write that carries it is done.
+struct StampGuard<'a> {
+    engine: &'a Engine,
+    time_ntp64: u64,
+}
+
+impl Drop for StampGuard<'_> {
+    fn drop(&mut self) {
+        let mut book = match self.engine.stamps.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        book.in_flight.remove(&self.time_ntp64);
+    }
 }
 
 pub struct Engine {
@@ -202,6 +267,11 @@ pub struct Engine {
     cache_capacity: usize,
     writer: mpsc::Sender<Job>,
     healthy: AtomicBool,
+    stamps: Mutex<StampBook>,
+    /// What the replication links report, for `/v1/status`.
+    pub peers: Mutex<std::collections::BTreeMap<String, PeerStatus>>,
+    /// Bumped after every commit, so that senders wake up for new log entries.
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
 /// The writer thread's handle; join it after the engine is dropped.
@@ -233,9 +303,12 @@ impl Engine {
         node_id: &str,
         store: Store,
         clock: NodeClock,
-        incarnation: u32,
+        identity: &crate::storage::Identity,
         config: EngineConfig,
     ) -> Result<(Arc<Engine>, WriterHandle), String> {
+        let incarnation = identity.incarnation;
+        let topology_for_peers = topology.clone();
+        let last_own_hlc = identity.last_hlc.time_ntp64;
         let node = topology
             .node(node_id)
             .ok_or_else(|| format!("node {node_id:?} is not in the topology"))?;
@@ -243,6 +316,8 @@ impl Engine {
         let store = Arc::new(store);
         let metrics = Metrics::new();
         let (tx, rx) = mpsc::channel::<Job>(WRITE_QUEUE_CAPACITY);
+        let (committed, _) = tokio::sync::watch::channel(0u64);
+        let writer_committed = committed.clone();
         let writer_store = store.clone();
         let batch_hist = metrics.commit_batch_writes.clone();
         let commit_hist = metrics.commit_duration_seconds.clone();
@@ -251,7 +326,13 @@ impl Engine {
             .name("meridian-writer".into())
             .spawn(move || {
                 let _entered = span.enter();
-                run_writer(rx, &writer_store, &batch_hist, &commit_hist);
+                run_writer(
+                    rx,
+                    &writer_store,
+                    &batch_hist,
+                    &commit_hist,
+                    &writer_committed,
+                );
             })
             .map_err(|e| format!("cannot start the writer thread: {e}"))?;
         let engine = Arc::new(Engine {
@@ -267,6 +348,25 @@ impl Engine {
             cache_capacity: config.cache_capacity.max(1),
             writer: tx,
             healthy: AtomicBool::new(true),
+            stamps: Mutex::new(StampBook {
+                in_flight: Default::default(),
+                newest: last_own_hlc,
+            }),
+            committed,
+            peers: Mutex::new(
+                topology_for_peers
+                    .peers_of(node_id)
+                    .map(|n| {
+                        (
+                            n.id.clone(),
+                            PeerStatus {
+                                region: n.region.clone(),
+                                ..PeerStatus::default()
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
         });
         Ok((engine, WriterHandle(handle)))
     }
@@ -367,7 +467,7 @@ impl Engine {
             Some(c) => c,
             None => self.load_doc(key)?,
         };
-        let stamp = self.clock.stamp();
+        let (stamp, _stamp_guard) = self.stamp();
         let change = match &op {
             WriteOp::Put(v) => cached.doc.put(v, stamp),
             WriteOp::Patch(p) => cached.doc.patch(p, stamp),
@@ -392,12 +492,13 @@ impl Engine {
             "region": self.region,
         }))
         .map_err(|e| WriteError::Storage(e.to_string()))?;
-        let item = WriteItem {
-            key: key.to_string(),
-            record: record.clone(),
-            change_time_ntp64: change.version.time_ntp64,
-            change: change.bytes,
-            idempotency: idempotency.as_ref().map(|i| {
+        let item = WriteItem::local(
+            key.to_string(),
+            record.clone(),
+            &self.node_id,
+            change.version.time_ntp64,
+            change.bytes,
+            idempotency.as_ref().map(|i| {
                 (
                     i.key.clone(),
                     IdempotentAnswer {
@@ -408,8 +509,12 @@ impl Engine {
                     },
                 )
             }),
-        };
-        match self.commit(item).await {
+        );
+        let outcome = self
+            .commit(vec![item], Vec::new())
+            .await
+            .map(|mut o| o.pop().unwrap_or(ItemOutcome::KeyReused));
+        match outcome {
             Ok(ItemOutcome::Applied) => {
                 cached.stored = record;
                 guard.cached = Some(cached);
@@ -487,10 +592,21 @@ impl Engine {
         })
     }
 
-    async fn commit(&self, item: WriteItem) -> Result<ItemOutcome, WriteError> {
+    async fn commit(
+        &self,
+        items: Vec<WriteItem>,
+        frontier: Vec<FrontierEntry>,
+    ) -> Result<Vec<ItemOutcome>, WriteError> {
         let (reply, answer) = oneshot::channel();
         self.metrics.write_queue_depth.inc();
-        let sent = self.writer.send(Job { item, reply }).await;
+        let sent = self
+            .writer
+            .send(Job {
+                items,
+                frontier,
+                reply,
+            })
+            .await;
         self.metrics.write_queue_depth.dec();
         sent.map_err(|_| WriteError::ShuttingDown)?;
         match answer.await {
@@ -529,6 +645,262 @@ impl Engine {
         cache.put(key.to_string(), slot.clone());
         self.metrics.cached_documents.set(cache.len() as i64);
         slot
+    }
+
+    /// Issue a stamp and register it as in flight until the returned guard drops.
+    fn stamp(&self) -> (Version, StampGuard<'_>) {
+        let mut book = match self.stamps.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        // Under the lock, so that the in-flight set never misses a stamp smaller than one
+        // already issued: the safe point below relies on it.
+        let stamp = self.clock.stamp();
+        book.in_flight.insert(stamp.time_ntp64);
+        book.newest = book.newest.max(stamp.time_ntp64);
+        (
+            stamp,
+            StampGuard {
+                engine: self,
+                time_ntp64: stamp.time_ntp64,
+            },
+        )
+    }
+
+    /// The HLC up to which this node's own change log is complete: no write still in flight
+    /// carries a smaller stamp. Senders stream the node's own changes only up to here.
+    pub fn safe_own_hlc(&self) -> u64 {
+        let book = match self.stamps.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        match book.in_flight.first() {
+            Some(oldest) => oldest.saturating_sub(1),
+            None => book.newest,
+        }
+    }
+
+    /// Changes with each commit (local or replicated).
+    pub fn subscribe_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    /// A remote stamp beyond this is held back: now plus the maximum drift, in NTP64 units.
+    pub fn drift_horizon_ntp64(&self) -> u64 {
+        let max_drift = self.topology.clock.max_drift_ms;
+        let drift_ntp64 = ((max_drift as u128) << 32) / 1000;
+        self.clock
+            .now()
+            .time_ntp64
+            .saturating_add(drift_ntp64 as u64)
+    }
+
+    /// Store and apply a planned batch of received changes: documents, log entries, kept-aside
+    /// changes and the new frontier in one durable transaction.
+    pub async fn apply_remote(&self, plan: Plan) -> Result<ApplyStats, WriteError> {
+        let horizon = self.drift_horizon_ntp64();
+        let mut stats = ApplyStats::default();
+        let mut items = Vec::with_capacity(plan.by_key.len());
+        // Locks are taken in key order (BTreeMap), so two batches can never deadlock.
+        let mut held = Vec::with_capacity(plan.by_key.len());
+        for (key, accepted) in plan.by_key {
+            let slot = self.slot(&key);
+            let mut guard = slot.lock_owned().await;
+            let cached = match guard.cached.take() {
+                Some(c) => c,
+                None => self.load_doc(&key)?,
+            };
+            let stored_pending = self
+                .store
+                .pending_for(&key)
+                .map_err(|e| WriteError::Storage(e.to_string()))?;
+            let (item, cached) =
+                self.merge_into(key, cached, accepted, stored_pending, horizon, &mut stats);
+            items.push(item);
+            held.push((guard, cached));
+        }
+        let outcome = self.commit(items, plan.frontier).await;
+        let committed = outcome.is_ok();
+        for (mut guard, cached) in held {
+            // On failure the documents hold changes that are not on disk: drop them.
+            if committed {
+                guard.cached = cached;
+            }
+        }
+        outcome?;
+        if let Some(newest) = stats.newest {
+            // Within the drift by construction: later local stamps exceed what we hold.
+            let _ = self.clock.observe(newest);
+        }
+        Ok(stats)
+    }
+
+    /// Offer a record's received and kept-aside changes to its document; build what to store.
+    fn merge_into(
+        &self,
+        key: String,
+        mut cached: CachedDoc,
+        accepted: Vec<meridian_replication::core::Accepted>,
+        stored_pending: Vec<PendingChange>,
+        horizon: u64,
+        stats: &mut ApplyStats,
+    ) -> (WriteItem, Option<CachedDoc>) {
+        let mut item = WriteItem {
+            key: key.clone(),
+            record: None,
+            log: Vec::new(),
+            idempotency: None,
+            pending_put: Vec::new(),
+            pending_remove: Vec::new(),
+        };
+        // (origin, hlc, came from the pending table, its stored reason)
+        let mut offered: Vec<(String, u64, Option<PendingReason>)> = Vec::new();
+        let mut offer: Vec<Vec<u8>> = Vec::new();
+        for a in accepted {
+            item.log.push((a.origin.clone(), a.hlc, a.change.clone()));
+            if a.held_for_drift {
+                stats.held_for_drift += 1;
+                item.pending_put.push(PendingChange {
+                    origin: a.origin,
+                    hlc: a.hlc,
+                    reason: PendingReason::HeldForDrift,
+                    change: a.change,
+                });
+            } else {
+                offered.push((a.origin, a.hlc, None));
+                offer.push(a.change);
+            }
+        }
+        for p in stored_pending {
+            let due = match p.reason {
+                PendingReason::WaitingForDependencies => true,
+                PendingReason::HeldForDrift => p.hlc <= horizon,
+                PendingReason::Quarantined => false,
+            };
+            if due {
+                offered.push((p.origin, p.hlc, Some(p.reason)));
+                offer.push(p.change);
+            }
+        }
+        if offer.is_empty() {
+            return (item, Some(cached));
+        }
+        let result = cached.doc.apply_tracked(&offer);
+        let r = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // The document may be inconsistent after a failed apply: quarantine what was
+                // offered, drop the document, keep the stream flowing.
+                tracing::error!(key = %key, error = %e, changes = offer.len(), "applying received changes failed; they are quarantined");
+                for ((origin, hlc, _), change) in offered.into_iter().zip(offer) {
+                    stats.quarantined += 1;
+                    item.pending_put.push(PendingChange {
+                        origin,
+                        hlc,
+                        reason: PendingReason::Quarantined,
+                        change,
+                    });
+                }
+                return (item, None);
+            }
+        };
+        let mut settled = vec![false; offer.len()];
+        let mut applied_bytes: Vec<&[u8]> = Vec::new();
+        for &i in &r.applied {
+            settled[i] = true;
+            applied_bytes.push(&offer[i]);
+            stats.applied += 1;
+        }
+        for &i in &r.waiting {
+            settled[i] = true;
+            let (origin, hlc, from) = &offered[i];
+            if *from != Some(PendingReason::WaitingForDependencies) {
+                stats.waiting += 1;
+                item.pending_put.push(PendingChange {
+                    origin: origin.clone(),
+                    hlc: *hlc,
+                    reason: PendingReason::WaitingForDependencies,
+                    change: offer[i].clone(),
+                });
+            }
+        }
+        for (i, why) in &r.undecodable {
+            settled[*i] = true;
+            let (origin, hlc, _) = &offered[*i];
+            tracing::error!(key = %key, origin = %origin, hlc, error = %why, "received change cannot be decoded; it is quarantined");
+            stats.quarantined += 1;
+            item.pending_put.push(PendingChange {
+                origin: origin.clone(),
+                hlc: *hlc,
+                reason: PendingReason::Quarantined,
+                change: offer[*i].clone(),
+            });
+        }
+        for (i, (origin, hlc, from)) in offered.iter().enumerate() {
+            // Applied now, or already in the document: no longer kept aside.
+            let resolved = r.applied.contains(&i) || !settled[i];
+            if from.is_some() && resolved {
+                item.pending_remove.push((origin.clone(), *hlc));
+            }
+        }
+        if !applied_bytes.is_empty() {
+            let view = match cached.doc.view() {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(key = %key, error = %e, "rendering a merged record failed");
+                    return (item, None);
+                }
+            };
+            let prev = &cached.stored;
+            let (doc, appended_changes) = if prev.doc.is_empty()
+                || prev.appended_changes as usize + applied_bytes.len()
+                    > COMPACT_AFTER_CHANGES as usize
+            {
+                (cached.doc.save(), 0)
+            } else {
+                let mut bytes = prev.doc.clone();
+                for b in &applied_bytes {
+                    bytes.extend_from_slice(b);
+                }
+                (bytes, prev.appended_changes + applied_bytes.len() as u32)
+            };
+            let view_json = match view.as_ref().map(serde_json::to_vec).transpose() {
+                Ok(v) => v.unwrap_or_default(),
+                Err(e) => {
+                    tracing::error!(key = %key, error = %e, "encoding a merged view failed");
+                    return (item, None);
+                }
+            };
+            let version = r.newest.map_or(prev.version, |v| prev.version.max(v));
+            stats.newest = stats.newest.max(r.newest);
+            let record = StoredRecord {
+                live: view.is_some(),
+                version,
+                home_region: prev.home_region.clone(),
+                view_json,
+                doc,
+                appended_changes,
+            };
+            cached.stored = record.clone();
+            item.record = Some(record);
+        }
+        (item, Some(cached))
+    }
+
+    /// Apply kept-aside changes whose time has come (held for drift), at most `limit` records.
+    pub async fn retry_due_pending(&self, limit: usize) -> Result<ApplyStats, WriteError> {
+        let (due, _) = self
+            .store
+            .pending_summary(self.drift_horizon_ntp64(), limit)
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        if due.is_empty() {
+            return Ok(ApplyStats::default());
+        }
+        let mut plan = Plan::default();
+        for key in due {
+            plan.by_key.insert(key, Vec::new());
+        }
+        self.apply_remote(plan).await
     }
 
     pub fn read(&self, key: &str) -> Result<Option<ReadRecord>, ReadError> {
@@ -613,7 +985,7 @@ fn replay_or_refuse(
     }
 }
 
-fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -627,33 +999,51 @@ fn run_writer(
     store: &Store,
     batch_hist: &prometheus_client::metrics::histogram::Histogram,
     commit_hist: &prometheus_client::metrics::histogram::Histogram,
+    committed: &tokio::sync::watch::Sender<u64>,
 ) {
-    let mut jobs = Vec::with_capacity(MAX_BATCH_WRITES);
+    let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH_WRITES);
     let mut last_prune = Instant::now();
+    let mut commits = 0u64;
     while let Some(first) = rx.blocking_recv() {
+        let mut writes = first.items.len();
         jobs.push(first);
-        while jobs.len() < MAX_BATCH_WRITES {
+        // A job is never split: its items and frontier commit together.
+        while writes < MAX_BATCH_WRITES {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(job) => {
+                    writes += job.items.len();
+                    jobs.push(job);
+                }
                 Err(_) => break,
             }
         }
-        let (items, replies): (Vec<_>, Vec<_>) = jobs.drain(..).map(|j| (j.item, j.reply)).unzip();
+        let mut items = Vec::with_capacity(writes);
+        let mut frontier = Vec::new();
+        let mut shapes = Vec::with_capacity(jobs.len());
+        for job in jobs.drain(..) {
+            shapes.push((job.items.len(), job.reply));
+            items.extend(job.items);
+            frontier.extend(job.frontier);
+        }
         let started = Instant::now();
-        let result = store.commit_batch(&items);
+        let result = store.commit_batch(&items, &frontier);
         commit_hist.observe(started.elapsed().as_secs_f64());
         batch_hist.observe(items.len() as f64);
         match result {
             Ok(outcomes) => {
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let mut outcomes = outcomes.into_iter();
+                for (n, reply) in shapes {
+                    let mine: Vec<ItemOutcome> = outcomes.by_ref().take(n).collect();
                     // A client that went away no longer waits for its answer.
-                    let _ = reply.send(Ok(outcome));
+                    let _ = reply.send(Ok(mine));
                 }
+                commits += 1;
+                committed.send_replace(commits);
             }
             Err(e) => {
                 tracing::error!(error = %e, writes = items.len(), "durable commit failed; the writes are not acknowledged");
                 let message = e.to_string();
-                for reply in replies {
+                for (_, reply) in shapes {
                     let _ = reply.send(Err(message.clone()));
                 }
             }

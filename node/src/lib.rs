@@ -8,6 +8,7 @@ pub mod dev;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
+pub mod replica;
 pub mod server;
 pub mod storage;
 pub mod tls;

@@ -15,6 +15,24 @@ pub struct OpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerRegion {
+    pub peer_region: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLink {
+    pub peer: String,
+    pub peer_region: String,
+    /// "inbound": we receive the peer's changes; "outbound": we send ours.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpOnly {
     pub op: &'static str,
 }
@@ -33,6 +51,15 @@ pub struct Metrics {
     pub commit_duration_seconds: Histogram,
     pub write_queue_depth: Gauge,
     pub cached_documents: Gauge,
+    pub replication_lag_seconds: Family<PeerRegion, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub peer_up: Family<PeerLink, Gauge>,
+    pub changes_sent_total: Family<PeerRegion, Counter>,
+    pub changes_applied_total: Family<PeerRegion, Counter>,
+    pub drift_refusals_total: Family<PeerRegion, Counter>,
+    pub residency_refused_total: Family<PeerRegion, Counter>,
+    pub changes_quarantined_total: Counter,
+    pub pending_changes: Family<Reason, Gauge>,
+    pub link_errors_total: Family<PeerRegion, Counter>,
 }
 
 impl Metrics {
@@ -81,8 +108,72 @@ impl Metrics {
             "Record documents held in memory",
             cached_documents.clone(),
         );
+        let replication_lag_seconds =
+            Family::<PeerRegion, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "replication_lag_seconds",
+            "Time from a change's origin HLC stamp to its durable application here, newest batch",
+            replication_lag_seconds.clone(),
+        );
+        let peer_up = Family::<PeerLink, Gauge>::default();
+        registry.register(
+            "peer_up",
+            "1 while the replication link is established",
+            peer_up.clone(),
+        );
+        let changes_sent_total = Family::<PeerRegion, Counter>::default();
+        registry.register(
+            "replication_changes_sent",
+            "Changes sent to peers and acknowledged",
+            changes_sent_total.clone(),
+        );
+        let changes_applied_total = Family::<PeerRegion, Counter>::default();
+        registry.register(
+            "replication_changes_applied",
+            "Received changes applied to records",
+            changes_applied_total.clone(),
+        );
+        let drift_refusals_total = Family::<PeerRegion, Counter>::default();
+        registry.register(
+            "replication_drift_refusals",
+            "Received changes stamped beyond the maximum clock drift (held until the clock catches up)",
+            drift_refusals_total.clone(),
+        );
+        let residency_refused_total = Family::<PeerRegion, Counter>::default();
+        registry.register(
+            "residency_refused",
+            "Received changes of records this region may not hold, refused",
+            residency_refused_total.clone(),
+        );
+        let changes_quarantined_total = Counter::default();
+        registry.register(
+            "replication_changes_quarantined",
+            "Received changes that could not be decoded or applied, kept aside",
+            changes_quarantined_total.clone(),
+        );
+        let pending_changes = Family::<Reason, Gauge>::default();
+        registry.register(
+            "replication_pending_changes",
+            "Received changes kept aside, by reason",
+            pending_changes.clone(),
+        );
+        let link_errors_total = Family::<PeerRegion, Counter>::default();
+        registry.register(
+            "replication_link_errors",
+            "Replication links that ended with an error",
+            link_errors_total.clone(),
+        );
         Metrics {
             registry,
+            replication_lag_seconds,
+            peer_up,
+            changes_sent_total,
+            changes_applied_total,
+            drift_refusals_total,
+            residency_refused_total,
+            changes_quarantined_total,
+            pending_changes,
+            link_errors_total,
             writes_total,
             write_duration_seconds,
             reads_total,

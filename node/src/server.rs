@@ -31,6 +31,8 @@ pub enum ServeError {
     },
     #[error("the API server failed: {0}")]
     Http(std::io::Error),
+    #[error("replication cannot start: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Where a node keeps its data when `--data-dir` is not given: `data/<node>` beside the
@@ -56,15 +58,8 @@ pub fn open(
     }
     let (store, identity) = Store::open(data_dir, node_id)?;
     let clock = NodeClock::new(node_id, topology.clock.max_drift_ms, identity.last_hlc)?;
-    Engine::start(
-        topology,
-        node_id,
-        store,
-        clock,
-        identity.incarnation,
-        options.engine,
-    )
-    .map_err(ServeError::Engine)
+    Engine::start(topology, node_id, store, clock, &identity, options.engine)
+        .map_err(ServeError::Engine)
 }
 
 /// Serve the node on `listener` until `shutdown` resolves; then finish in-flight requests,
@@ -77,6 +72,16 @@ pub async fn run(
     options: NodeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Certificates are checked before anything is opened: a node that cannot authenticate
+    // must not start half-way.
+    let has_peers = topology.peers_of(node_id).next().is_some();
+    let peer_tls = if has_peers {
+        crate::tls::install_crypto_provider();
+        Some(crate::tls::PeerTls::load(topology.clone(), node_id)?)
+    } else {
+        None
+    };
+    let peer_addr = topology.node(node_id).map(|n| n.peer);
     let (engine, writer) = open(topology, node_id, data_dir, options)?;
     let span = tracing::info_span!("node", node = %engine.node_id, region = %engine.region);
     let local = listener.local_addr().map_err(ServeError::Http)?;
@@ -95,10 +100,41 @@ pub async fn run(
             async move { next.run(req).instrument(span).await }
         }
     }));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let replication = match (peer_tls, peer_addr) {
+        (Some(tls), Some(bind)) => {
+            let engine = engine.clone();
+            let span = span.clone();
+            Some(tokio::spawn(
+                async move {
+                    let result = crate::replica::run(engine, tls, bind, stop_rx).await;
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "replication stopped");
+                    }
+                    result
+                }
+                .instrument(span),
+            ))
+        }
+        _ => None,
+    };
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
         .await
         .map_err(ServeError::Http);
+    if let Some(task) = replication {
+        // A bind failure of the peer endpoint ends the task early; report it.
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                span.in_scope(|| tracing::error!(error = %e, "replication ended with an error"))
+            }
+            Err(e) => span.in_scope(|| tracing::error!(error = %e, "replication task failed")),
+        }
+    }
     // The router (and its engine clones) are gone once serve returns: dropping the last engine
     // closes the writer's queue, and the writer finishes the batch it holds.
     drop(engine);

@@ -7,6 +7,9 @@
 //! * `meta`: node identity (node id, incarnation, format). The newest HLC stamp issued here is
 //!   not stored separately: it is the last key of this node's own change log.
 //! * `idempotency`: `Idempotency-Key` → fingerprint of the request and the first answer.
+//! * `frontier`: (origin, residency class) → newest HLC held of that origin and class.
+//! * `pending`: (key, origin, HLC) → a received change kept aside (waiting for dependencies,
+//!   held for clock drift, or quarantined), with the reason.
 //!
 //! Architecture invariant: a record and the log entry of the change that produced it are written
 //! in one transaction, so they never disagree after a crash.
@@ -14,6 +17,8 @@
 use std::path::{Path, PathBuf};
 
 use meridian_replication::Version;
+use meridian_replication::core::Frontier;
+use meridian_replication::wire::FrontierEntry;
 use redb::{
     Database, Durability, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition,
 };
@@ -22,6 +27,8 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+const FRONTIER: TableDefinition<(&str, &str), u64> = TableDefinition::new("frontier");
+const PENDING: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("pending");
 
 const META_NODE_ID: &str = "node_id";
 const META_INCARNATION: &str = "incarnation";
@@ -248,11 +255,68 @@ impl IdempotentAnswer {
 #[derive(Debug)]
 pub struct WriteItem {
     pub key: String,
-    pub record: StoredRecord,
-    /// HLC time of the change; with this node's id it keys the change log.
-    pub change_time_ntp64: u64,
-    pub change: Vec<u8>,
+    /// The record's new state; `None` when the item changes no document (for example every
+    /// received change waits for a dependency).
+    pub record: Option<StoredRecord>,
+    /// Change-log entries: (origin node, HLC time, change bytes).
+    pub log: Vec<(String, u64, Vec<u8>)>,
     pub idempotency: Option<(String, IdempotentAnswer)>,
+    /// Received changes kept aside (waiting for dependencies, held for drift, quarantined).
+    pub pending_put: Vec<PendingChange>,
+    /// Kept-aside changes that are now applied: (origin, HLC time).
+    pub pending_remove: Vec<(String, u64)>,
+}
+
+impl WriteItem {
+    /// A local write: one record, one change of this node.
+    pub fn local(
+        key: String,
+        record: StoredRecord,
+        origin: &str,
+        hlc: u64,
+        change: Vec<u8>,
+        idempotency: Option<(String, IdempotentAnswer)>,
+    ) -> Self {
+        WriteItem {
+            key,
+            record: Some(record),
+            log: vec![(origin.to_string(), hlc, change)],
+            idempotency,
+            pending_put: Vec::new(),
+            pending_remove: Vec::new(),
+        }
+    }
+}
+
+/// Why a received change is kept aside instead of applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PendingReason {
+    /// Automerge is missing changes it depends on; offered again with the record's next changes.
+    WaitingForDependencies = 1,
+    /// Stamped beyond the maximum clock drift; applied once this node's clock catches up.
+    HeldForDrift = 2,
+    /// Undecodable, or it made automerge fail: never applied automatically.
+    Quarantined = 3,
+}
+
+impl PendingReason {
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(PendingReason::WaitingForDependencies),
+            2 => Some(PendingReason::HeldForDrift),
+            3 => Some(PendingReason::Quarantined),
+            _ => None,
+        }
+    }
+}
+
+/// A received change kept aside.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingChange {
+    pub origin: String,
+    pub hlc: u64,
+    pub reason: PendingReason,
+    pub change: Vec<u8>,
 }
 
 /// What became of one item of a batch.
@@ -299,6 +363,8 @@ impl Store {
             txn.open_table(RECORDS).map_err(dberr)?;
             txn.open_table(CHANGES).map_err(dberr)?;
             txn.open_table(IDEMPOTENCY).map_err(dberr)?;
+            txn.open_table(FRONTIER).map_err(dberr)?;
+            txn.open_table(PENDING).map_err(dberr)?;
             let stored_node = meta
                 .get(META_NODE_ID)
                 .map_err(dberr)?
@@ -367,6 +433,10 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     pub fn record(&self, key: &str) -> Result<Option<StoredRecord>, StoreError> {
@@ -454,9 +524,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Commit a batch durably in one transaction (group commit). Items are applied in order;
-    /// an item whose idempotency key was already used is not applied.
-    pub fn commit_batch(&self, items: &[WriteItem]) -> Result<Vec<ItemOutcome>, StoreError> {
+    /// Commit a batch durably in one transaction (group commit): records, change-log entries,
+    /// kept-aside changes, and frontier raises. An item whose idempotency key was already used
+    /// is not applied.
+    pub fn commit_batch(
+        &self,
+        items: &[WriteItem],
+        frontier: &[FrontierEntry],
+    ) -> Result<Vec<ItemOutcome>, StoreError> {
         let mut txn = self.db.begin_write().map_err(dberr)?;
         txn.set_durability(Durability::Immediate).map_err(dberr)?;
         let mut outcomes = Vec::with_capacity(items.len());
@@ -486,24 +561,155 @@ impl Store {
                         }
                     }
                 }
-                records
-                    .insert(item.key.as_str(), item.record.encode().as_slice())
-                    .map_err(dberr)?;
-                let entry = LogEntry {
-                    key: item.key.clone(),
-                    change: item.change.clone(),
-                };
-                changes
-                    .insert(
-                        (self.node_id.as_str(), item.change_time_ntp64),
-                        entry.encode().as_slice(),
-                    )
-                    .map_err(dberr)?;
+                if let Some(record) = &item.record {
+                    records
+                        .insert(item.key.as_str(), record.encode().as_slice())
+                        .map_err(dberr)?;
+                }
+                for (origin, hlc, change) in &item.log {
+                    let entry = LogEntry {
+                        key: item.key.clone(),
+                        change: change.clone(),
+                    };
+                    changes
+                        .insert((origin.as_str(), *hlc), entry.encode().as_slice())
+                        .map_err(dberr)?;
+                }
+                if !item.pending_put.is_empty() || !item.pending_remove.is_empty() {
+                    let mut pending = txn.open_table(PENDING).map_err(dberr)?;
+                    for p in &item.pending_put {
+                        let mut value = Vec::with_capacity(1 + p.change.len());
+                        value.push(p.reason as u8);
+                        value.extend_from_slice(&p.change);
+                        pending
+                            .insert(
+                                (item.key.as_str(), p.origin.as_str(), p.hlc),
+                                value.as_slice(),
+                            )
+                            .map_err(dberr)?;
+                    }
+                    for (origin, hlc) in &item.pending_remove {
+                        pending
+                            .remove((item.key.as_str(), origin.as_str(), *hlc))
+                            .map_err(dberr)?;
+                    }
+                }
                 outcomes.push(ItemOutcome::Applied);
+            }
+            if !frontier.is_empty() {
+                let mut table = txn.open_table(FRONTIER).map_err(dberr)?;
+                for e in frontier {
+                    let current = table
+                        .get((e.origin.as_str(), e.class.as_str()))
+                        .map_err(dberr)?
+                        .map_or(0, |g| g.value());
+                    if e.hlc > current {
+                        table
+                            .insert((e.origin.as_str(), e.class.as_str()), e.hlc)
+                            .map_err(dberr)?;
+                    }
+                }
             }
         }
         txn.commit().map_err(dberr)?;
         Ok(outcomes)
+    }
+
+    /// The stored frontier: per (origin, class) the newest change held, for remote origins.
+    pub fn frontier(&self) -> Result<Frontier, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(FRONTIER).map_err(dberr)?;
+        let mut f = Frontier::default();
+        for item in table.iter().map_err(dberr)? {
+            let (k, v) = item.map_err(dberr)?;
+            let (origin, class) = k.value();
+            f.raise(origin, class, v.value());
+        }
+        Ok(f)
+    }
+
+    /// Changes kept aside for `key`.
+    pub fn pending_for(&self, key: &str) -> Result<Vec<PendingChange>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(PENDING).map_err(dberr)?;
+        let mut out = Vec::new();
+        for item in table
+            .range((key, "", 0)..=(key, "\u{10FFFF}", u64::MAX))
+            .map_err(dberr)?
+        {
+            let (k, v) = item.map_err(dberr)?;
+            let (_, origin, hlc) = k.value();
+            let bytes = v.value();
+            let Some((&reason, change)) = bytes.split_first() else {
+                return Err(corrupt("pending change", "empty value"));
+            };
+            let reason = PendingReason::from_byte(reason)
+                .ok_or_else(|| corrupt("pending change", format!("unknown reason {reason}")))?;
+            out.push(PendingChange {
+                origin: origin.to_string(),
+                hlc,
+                reason,
+                change: change.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Keys with changes held for drift whose stamp is at or below `horizon_ntp64`, at most
+    /// `limit`; and counts of kept-aside changes by reason.
+    pub fn pending_summary(
+        &self,
+        horizon_ntp64: u64,
+        limit: usize,
+    ) -> Result<(Vec<String>, [u64; 3]), StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(PENDING).map_err(dberr)?;
+        let mut due = Vec::new();
+        let mut counts = [0u64; 3];
+        for item in table.iter().map_err(dberr)? {
+            let (k, v) = item.map_err(dberr)?;
+            let (key, _, hlc) = k.value();
+            let reason = v
+                .value()
+                .first()
+                .copied()
+                .and_then(PendingReason::from_byte);
+            match reason {
+                Some(PendingReason::WaitingForDependencies) => counts[0] += 1,
+                Some(PendingReason::HeldForDrift) => {
+                    counts[1] += 1;
+                    if hlc <= horizon_ntp64
+                        && due.len() < limit
+                        && due.last().is_none_or(|k: &String| k != key)
+                    {
+                        due.push(key.to_string());
+                    }
+                }
+                Some(PendingReason::Quarantined) | None => counts[2] += 1,
+            }
+        }
+        Ok((due, counts))
+    }
+
+    /// How many entries of `origin`'s log lie after `after`, counting at most `cap`.
+    pub fn count_after(&self, origin: &str, after: u64, cap: usize) -> Result<usize, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(CHANGES).map_err(dberr)?;
+        let Some(start) = after.checked_add(1) else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for item in table
+            .range((origin, start)..=(origin, u64::MAX))
+            .map_err(dberr)?
+        {
+            item.map_err(dberr)?;
+            n += 1;
+            if n >= cap {
+                break;
+            }
+        }
+        Ok(n)
     }
 
     /// Drop idempotency entries created before `cutoff_unix_ms`; returns how many.
@@ -626,13 +832,7 @@ mod tests {
     }
 
     fn item(key: &str, n: u64) -> WriteItem {
-        WriteItem {
-            key: key.into(),
-            record: record(n),
-            change_time_ntp64: n,
-            change: vec![n as u8],
-            idempotency: None,
-        }
+        WriteItem::local(key.into(), record(n), "n1", n, vec![n as u8], None)
     }
 
     #[test]
@@ -654,7 +854,7 @@ mod tests {
     fn a_data_directory_remembers_its_node_and_bumps_the_incarnation() {
         let dir = tempfile::tempdir().unwrap();
         let (store, id1) = Store::open(dir.path(), "n1").unwrap();
-        store.commit_batch(&[item("a", 42)]).unwrap();
+        store.commit_batch(&[item("a", 42)], &[]).unwrap();
         drop(store);
         let (_store, id2) = Store::open(dir.path(), "n1").unwrap();
         assert_eq!(id2.incarnation, id1.incarnation + 1);
@@ -669,7 +869,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), "n1").unwrap();
         let items: Vec<_> = (1..=5).map(|i| item(&format!("k/{i}"), i)).collect();
-        let outcomes = store.commit_batch(&items).unwrap();
+        let outcomes = store.commit_batch(&items, &[]).unwrap();
         assert!(outcomes.iter().all(|o| *o == ItemOutcome::Applied));
         assert_eq!(store.record("k/3").unwrap(), Some(record(3)));
         let page = store.list("k/", Some("k/2"), 2).unwrap();
@@ -684,6 +884,41 @@ mod tests {
         };
         assert_eq!(node, "n1");
         assert_eq!(rows.len(), 5);
+    }
+
+    #[test]
+    fn frontier_only_rises_and_pending_changes_are_kept_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), "n1").unwrap();
+        let fe = |hlc| FrontierEntry {
+            origin: "n2".into(),
+            class: "".into(),
+            hlc,
+        };
+        let mut remote = WriteItem::local("k".into(), record(1), "n2", 10, vec![1], None);
+        remote.pending_put.push(PendingChange {
+            origin: "n2".into(),
+            hlc: 11,
+            reason: PendingReason::HeldForDrift,
+            change: vec![9],
+        });
+        store.commit_batch(&[remote], &[fe(11)]).unwrap();
+        store.commit_batch(&[], &[fe(5)]).unwrap();
+        assert_eq!(store.frontier().unwrap().get("n2", ""), 11);
+        let pending = store.pending_for("k").unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].reason, PendingReason::HeldForDrift);
+        let (due, counts) = store.pending_summary(11, 10).unwrap();
+        assert_eq!((due, counts), (vec!["k".to_string()], [0, 1, 0]));
+        assert_eq!(
+            store.pending_summary(10, 10).unwrap().0,
+            Vec::<String>::new()
+        );
+        let mut done = WriteItem::local("k".into(), record(2), "n2", 11, vec![9], None);
+        done.pending_remove.push(("n2".into(), 11));
+        store.commit_batch(&[done], &[]).unwrap();
+        assert!(store.pending_for("k").unwrap().is_empty());
+        assert_eq!(store.count_after("n2", 0, 100).unwrap(), 2);
     }
 
     #[test]
@@ -702,7 +937,7 @@ mod tests {
         again.idempotency = Some(("idem".into(), answer(1)));
         let mut other = item("b", 3);
         other.idempotency = Some(("idem".into(), answer(2)));
-        let outcomes = store.commit_batch(&[a, again, other]).unwrap();
+        let outcomes = store.commit_batch(&[a, again, other], &[]).unwrap();
         assert_eq!(outcomes[0], ItemOutcome::Applied);
         assert_eq!(outcomes[1], ItemOutcome::Replayed(answer(1)));
         assert_eq!(outcomes[2], ItemOutcome::KeyReused);

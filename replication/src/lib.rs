@@ -7,5 +7,7 @@
 pub mod record;
 pub mod version;
 
-pub use record::{LocalChange, RecordDoc, RecordError, RecordView};
+pub use record::{LocalChange, RecordDoc, RecordError, RecordView, RemoteApply};
 pub use version::Version;
+pub mod core;
+pub mod wire;

@@ -63,6 +63,21 @@ pub struct RecordView {
     pub conflicts: BTreeMap<String, Vec<Json>>,
 }
 
+/// What [`RecordDoc::apply_tracked`] did with each offered change (indexes into its input).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RemoteApply {
+    /// Applied now: their bytes belong in the stored document.
+    pub applied: Vec<usize>,
+    /// Waiting for changes they depend on.
+    pub waiting: Vec<usize>,
+    /// Undecodable, with the reason.
+    pub undecodable: Vec<(usize, String)>,
+    /// Already in the document.
+    pub already_held: usize,
+    /// The greatest version among the changes applied now.
+    pub newest: Option<Version>,
+}
+
 /// The bytes of one committed automerge change and the version stamped on it.
 #[derive(Clone, Debug)]
 pub struct LocalChange {
@@ -86,6 +101,8 @@ pub enum RecordError {
     Corrupt(String),
     #[error("change cannot be decoded: {0}")]
     BadChange(String),
+    #[error("automerge panicked while applying remote changes; the document must be reloaded")]
+    Poisoned,
     #[error("the edit produced no change (internal error)")]
     NoChange,
     #[error("automerge rejected the operation: {0}")]
@@ -330,6 +347,54 @@ impl RecordDoc {
         }
         self.doc.apply_changes(decoded)?;
         Ok(newest)
+    }
+
+    /// Apply remote changes and say what became of each: applied now, already held, waiting
+    /// for changes it depends on (automerge queues those; the caller must keep them durably
+    /// and offer them again), or undecodable.
+    ///
+    /// A panic inside automerge is contained here and reported as [`RecordError::Poisoned`]:
+    /// the document may then be inconsistent, and the caller must drop it and reload.
+    pub fn apply_tracked(&mut self, changes: &[Vec<u8>]) -> Result<RemoteApply, RecordError> {
+        let mut out = RemoteApply::default();
+        let mut decoded = Vec::new();
+        let mut hashes = Vec::new();
+        for (i, bytes) in changes.iter().enumerate() {
+            match Change::try_from(bytes.as_slice()) {
+                Ok(change) => {
+                    let hash = change.hash();
+                    if self.doc.get_change_by_hash(&hash).is_some() {
+                        out.already_held += 1;
+                        continue;
+                    }
+                    hashes.push((i, hash, change_version(&change)));
+                    decoded.push(change);
+                }
+                Err(e) => out.undecodable.push((i, e.to_string())),
+            }
+        }
+        if decoded.is_empty() {
+            return Ok(out);
+        }
+        let doc = &mut self.doc;
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(decoded)));
+        match applied {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(RecordError::Automerge(e)),
+            Err(_) => return Err(RecordError::Poisoned),
+        }
+        for (i, hash, version) in hashes {
+            if self.doc.get_change_by_hash(&hash).is_some() {
+                out.applied.push(i);
+                if let Some(v) = version {
+                    out.newest = out.newest.max(Some(v));
+                }
+            } else {
+                out.waiting.push(i);
+            }
+        }
+        Ok(out)
     }
 
     /// Every change of the document except genesis, as bytes, in causal order.

@@ -62,6 +62,8 @@ foreign = "forward"
     );
     let path = dir.join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
+    let topology = meridian_node::topology::Topology::load(&path).expect("valid topology");
+    meridian_node::tls::generate_certs(&topology, &dir.join("certs")).expect("certificates");
     path
 }
 

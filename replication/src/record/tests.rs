@@ -377,3 +377,28 @@ proptest! {
         prop_assert_eq!(a.max_version(), c.max_version());
     }
 }
+
+#[test]
+fn apply_tracked_reports_waiting_changes_until_their_dependencies_arrive() {
+    let mut a = RecordDoc::new(actor(1)).unwrap();
+    let first = a.put(&obj(json!({"x": 1})), stamp(1, 1)).unwrap();
+    let second = a.patch(&obj(json!({"y": 2})), stamp(2, 1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    // The second change depends on the first: offered alone, it waits.
+    let r = b.apply_tracked(std::slice::from_ref(&second.bytes)).unwrap();
+    assert_eq!((r.applied.clone(), r.waiting.clone()), (vec![], vec![0]));
+    assert!(b.view().unwrap().is_none());
+    // Offered again together with its dependency, both apply.
+    let r = b
+        .apply_tracked(&[second.bytes.clone(), first.bytes.clone()])
+        .unwrap();
+    assert_eq!(r.waiting, Vec::<usize>::new());
+    assert_eq!(r.newest, Some(stamp(2, 1)));
+    assert_eq!(view(&b), view(&a));
+    // Repeats are counted as held; garbage is reported, not applied.
+    let r = b
+        .apply_tracked(&[first.bytes.clone(), b"junk".to_vec()])
+        .unwrap();
+    assert_eq!(r.already_held, 1);
+    assert_eq!(r.undecodable.len(), 1);
+}

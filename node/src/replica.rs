@@ -1,0 +1,643 @@
+//! The replication driver: the one place where the sans-IO core
+//! (`meridian_replication::core`) meets quinn, redb and tokio.
+//!
+//! Each node dials every peer and *subscribes*: it states its frontier and receives, on that
+//! connection, the changes it lacks (the peer's own and those the peer relays). Each node also
+//! accepts its peers' subscriptions and streams to them. So every pair of nodes has two
+//! connections, one per direction of data, which also matches how `[[links]]` routes one
+//! directed dial through the link emulator.
+//!
+//! Architecture invariants:
+//! * Both ends are authenticated by mutual TLS before any message (see `tls.rs`); the `Hello`
+//!   must then name the authenticated node, the same cluster and protocol version.
+//! * A sender streams from the change log on disk, never from an unbounded queue: a slow or dead
+//!   peer costs one bounded window of batches, and local writes never wait for it.
+//! * A frame is at most `MAX_FRAME_BYTES`, checked before reading it; a bad frame or protocol
+//!   violation ends the link (which resumes from the durable frontier), never the process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_replication::core::{
+    ChangeSource, Frontier, Inbound, LogEntry, Outbound, StreamLimits, check_hello, plan_batch,
+    shared_classes,
+};
+use meridian_replication::wire::{MAX_FRAME_BYTES, Message, PROTOCOL_VERSION};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::engine::{Engine, unix_ms};
+use crate::metrics::{PeerLink, PeerRegion, Reason};
+use crate::storage::{Store, StoreError};
+use crate::tls::{self, MAX_CONNECTION_AGE, PeerTls};
+use crate::topology::NodeConfig;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A sender with nothing new still sends progress this often, and retries held changes.
+const IDLE_TICK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("QUIC connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("reading from the peer: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("writing to the peer: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
+    FrameTooLarge(usize),
+    #[error("malformed message: {0}")]
+    Wire(#[from] meridian_replication::wire::WireError),
+    #[error("protocol: {0}")]
+    Protocol(#[from] meridian_replication::core::ProtocolError),
+    #[error("the peer closed the link: {0}")]
+    PeerClosed(String),
+    #[error("the peer closed the stream")]
+    StreamEnded,
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("applying received changes: {0}")]
+    Apply(#[from] crate::engine::WriteError),
+}
+
+/// Everything the link tasks share.
+struct Ctx {
+    engine: Arc<Engine>,
+    tls: Arc<PeerTls>,
+    endpoint: quinn::Endpoint,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Start replication: bind the node's peer address, accept subscriptions, subscribe to every
+/// peer. Returns when `shutdown` becomes true.
+pub async fn run(
+    engine: Arc<Engine>,
+    tls: PeerTls,
+    bind: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), LinkError> {
+    let endpoint = tls::endpoint(bind, &tls)?;
+    let ctx = Arc::new(Ctx {
+        engine: engine.clone(),
+        tls: Arc::new(tls),
+        endpoint: endpoint.clone(),
+        shutdown: shutdown.clone(),
+    });
+    // Every line a link logs carries the node and region of the span we run in.
+    let span = tracing::Span::current();
+    let mut tasks = tokio::task::JoinSet::new();
+    let peers: Vec<NodeConfig> = engine.topology.peers_of(&engine.node_id).cloned().collect();
+    for peer in peers {
+        tasks.spawn(subscribe_loop(ctx.clone(), peer).instrument(span.clone()));
+    }
+    tasks.spawn(accept_loop(ctx.clone()).instrument(span.clone()));
+    tasks.spawn(retry_loop(ctx.clone()).instrument(span.clone()));
+    let mut shutdown = shutdown;
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    endpoint.close(0u32.into(), b"node shutting down");
+    // Links notice the shutdown flag or the closed endpoint; give them a moment to say goodbye.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+async fn write_msg(send: &mut quinn::SendStream, msg: &Message) -> Result<(), LinkError> {
+    let bytes = msg.encode();
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&bytes);
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Message, LinkError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(LinkError::StreamEnded),
+        Err(e) => return Err(e.into()),
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if n > MAX_FRAME_BYTES {
+        return Err(LinkError::FrameTooLarge(n));
+    }
+    let mut buf = vec![0u8; n];
+    recv.read_exact(&mut buf).await?;
+    Ok(Message::decode(&buf)?)
+}
+
+/// Say why we close, let the peer read it (briefly), then close the connection with the same
+/// reason, so both sides can log it.
+async fn close_link(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: u32,
+    reason: &str,
+) {
+    let _ = write_msg(
+        send,
+        &Message::Close {
+            reason: reason.to_string(),
+        },
+    )
+    .await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(code.into(), reason.as_bytes());
+}
+
+fn hello(engine: &Engine, frontier: &Frontier) -> Message {
+    Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        cluster: engine.topology.cluster.clone(),
+        node: engine.node_id.clone(),
+        region: engine.region.clone(),
+        frontier: frontier.entries(),
+    }
+}
+
+fn update_peer(engine: &Engine, peer: &str, f: impl FnOnce(&mut crate::engine::PeerStatus)) {
+    let mut peers = match engine.peers.lock() {
+        Ok(p) => p,
+        Err(p) => p.into_inner(),
+    };
+    if let Some(status) = peers.get_mut(peer) {
+        f(status);
+    }
+}
+
+fn jitter(base: Duration) -> Duration {
+    // Spread reconnects of many links; cryptographic quality is not needed.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as u64;
+    let spread = (base.as_millis() as u64 / 2).max(1);
+    Duration::from_millis(nanos % spread)
+}
+
+/// Keep a subscription to `peer` alive: dial, receive, reconnect with backoff.
+async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
+    let engine = &ctx.engine;
+    let mut shutdown = ctx.shutdown.clone();
+    let mut backoff = BACKOFF_MIN;
+    let mut last_error: Option<String> = None;
+    let link = PeerLink {
+        peer: peer.id.clone(),
+        peer_region: peer.region.clone(),
+        direction: "inbound",
+    };
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let addr = engine
+            .topology
+            .dial_addr(&engine.node_id, &peer.id)
+            .unwrap_or(peer.peer);
+        let started = Instant::now();
+        let result = subscribe_once(&ctx, &peer, addr).await;
+        engine.metrics.peer_up.get_or_create(&link).set(0);
+        update_peer(engine, &peer.id, |s| {
+            s.inbound_connected = false;
+            s.inbound_since_unix_ms = None;
+        });
+        match result {
+            Ok(()) => {
+                backoff = BACKOFF_MIN;
+                last_error = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                // Log a failure once, not at every retry of the same failure.
+                if last_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(peer = %peer.id, peer_region = %peer.region, %addr, error = %text, "replication link from peer failed; retrying with backoff");
+                }
+                engine
+                    .metrics
+                    .link_errors_total
+                    .get_or_create(&PeerRegion {
+                        peer_region: peer.region.clone(),
+                    })
+                    .inc();
+                update_peer(engine, &peer.id, |s| s.last_error = Some(text.clone()));
+                last_error = Some(text);
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = BACKOFF_MIN;
+                }
+            }
+        }
+        let wait = backoff + jitter(backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Result<(), LinkError> {
+    let engine = &ctx.engine;
+    let policy = &engine.topology.residency;
+    let conn = tls::dial(&ctx.endpoint, &ctx.tls, &peer.id, addr).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let shared = shared_classes(policy, &engine.region, &peer.region);
+    let frontier = engine.store().frontier()?.restricted_to(&shared);
+    write_msg(&mut send, &hello(engine, &frontier)).await?;
+    let their_hello = read_msg(&mut recv).await?;
+    if let Err(e) = check_hello(&their_hello, &engine.topology.cluster, &peer.id) {
+        let reason = e.to_string();
+        tracing::error!(peer = %peer.id, error = %reason, "refusing replication link");
+        close_link(&conn, &mut send, 1, &reason).await;
+        return Err(e.into());
+    }
+    let link = PeerLink {
+        peer: peer.id.clone(),
+        peer_region: peer.region.clone(),
+        direction: "inbound",
+    };
+    let region_label = PeerRegion {
+        peer_region: peer.region.clone(),
+    };
+    engine.metrics.peer_up.get_or_create(&link).set(1);
+    update_peer(engine, &peer.id, |s| {
+        s.inbound_connected = true;
+        s.inbound_since_unix_ms = Some(unix_ms());
+        s.last_error = None;
+    });
+    tracing::info!(peer = %peer.id, peer_region = %peer.region, "receiving changes from peer");
+    let mut inbound = Inbound::default();
+    let age_limit = tokio::time::sleep(MAX_CONNECTION_AGE);
+    tokio::pin!(age_limit);
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let msg = tokio::select! {
+            m = read_msg(&mut recv) => m?,
+            () = &mut age_limit => {
+                // Reconnecting re-checks certificates, so rotated or revoked ones take effect.
+                conn.close(0u32.into(), b"connection age limit");
+                return Ok(());
+            }
+            _ = shutdown.changed() => {
+                close_link(&conn, &mut send, 0, "node shutting down").await;
+                return Ok(());
+            }
+        };
+        match msg {
+            Message::Batch {
+                seq,
+                changes,
+                progress,
+            } => {
+                inbound.accept(seq)?;
+                let current = engine.store().frontier()?;
+                let plan = plan_batch(
+                    changes,
+                    &progress,
+                    &|o, c| current.get(o, c),
+                    policy,
+                    &engine.region,
+                    engine.clock.now().time_ntp64,
+                    engine.drift_horizon_ntp64() - engine.clock.now().time_ntp64,
+                );
+                if !plan.refused.is_empty() {
+                    let keys: Vec<&str> = plan
+                        .refused
+                        .iter()
+                        .take(5)
+                        .map(|c| c.key.as_str())
+                        .collect();
+                    tracing::error!(peer = %peer.id, peer_region = %peer.region, refused = plan.refused.len(), example_keys = ?keys, "peer sent changes of records this region may not hold; refused");
+                    engine
+                        .metrics
+                        .residency_refused_total
+                        .get_or_create(&region_label)
+                        .inc_by(plan.refused.len() as u64);
+                    let n = plan.refused.len() as u64;
+                    update_peer(engine, &peer.id, |s| s.residency_violations += n);
+                }
+                let newest_accepted = plan
+                    .by_key
+                    .values()
+                    .flatten()
+                    .filter(|a| !a.held_for_drift)
+                    .map(|a| a.hlc)
+                    .max();
+                let stats = engine.apply_remote(plan).await?;
+                write_msg(&mut send, &Message::Ack { seq }).await?;
+                if stats.held_for_drift > 0 {
+                    engine
+                        .metrics
+                        .drift_refusals_total
+                        .get_or_create(&region_label)
+                        .inc_by(stats.held_for_drift as u64);
+                    tracing::warn!(peer = %peer.id, held = stats.held_for_drift, "received changes stamped beyond the maximum clock drift; held until this clock catches up");
+                }
+                engine
+                    .metrics
+                    .changes_applied_total
+                    .get_or_create(&region_label)
+                    .inc_by(stats.applied as u64);
+                if stats.quarantined > 0 {
+                    engine
+                        .metrics
+                        .changes_quarantined_total
+                        .inc_by(stats.quarantined as u64);
+                }
+                let now_ms = unix_ms();
+                let lag_ms = newest_accepted.map(|hlc| {
+                    let origin_ms = meridian_replication::Version {
+                        time_ntp64: hlc,
+                        node_hlc_id: 0,
+                    }
+                    .unix_ms();
+                    now_ms.saturating_sub(origin_ms)
+                });
+                if let Some(lag) = lag_ms {
+                    engine
+                        .metrics
+                        .replication_lag_seconds
+                        .get_or_create(&region_label)
+                        .set(lag as f64 / 1000.0);
+                }
+                update_peer(engine, &peer.id, |s| {
+                    s.changes_applied += stats.applied as u64;
+                    s.drift_refusals += stats.held_for_drift as u64;
+                    if lag_ms.is_some() {
+                        s.lag_ms = lag_ms;
+                        s.last_applied_unix_ms = Some(now_ms);
+                    }
+                });
+            }
+            Message::Close { reason } => {
+                tracing::info!(peer = %peer.id, %reason, "peer closed the link");
+                return Err(LinkError::PeerClosed(reason));
+            }
+            Message::Hello { .. } => {
+                return Err(
+                    meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into(),
+                );
+            }
+            Message::Ack { .. } => {
+                return Err(
+                    meridian_replication::core::ProtocolError::UnexpectedMessage("ack").into(),
+                );
+            }
+        }
+    }
+}
+
+async fn accept_loop(ctx: Arc<Ctx>) {
+    let mut shutdown = ctx.shutdown.clone();
+    let mut links = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            i = ctx.endpoint.accept() => i,
+            _ = shutdown.changed() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        // Bound the number of concurrent subscriptions: each peer needs one.
+        let max_links = ctx.engine.topology.nodes.len() * 2;
+        while links.try_join_next().is_some() {}
+        if links.len() >= max_links {
+            incoming.refuse();
+            continue;
+        }
+        let ctx = ctx.clone();
+        let span = tracing::Span::current();
+        links.spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(e) = serve_subscriber(&ctx, incoming).await {
+                match &e {
+                    LinkError::StreamEnded | LinkError::Connection(_) => {
+                        tracing::debug!(%remote, error = %e, "subscriber link ended");
+                    }
+                    _ => tracing::warn!(%remote, error = %e, "subscriber link ended with an error"),
+                }
+            }
+        }.instrument(span));
+    }
+    links.abort_all();
+}
+
+/// The node's change logs as the core's [`ChangeSource`], at one moment.
+struct NodeSource<'a> {
+    store: &'a Store,
+    own: &'a str,
+    safe_own: u64,
+    frontier: Frontier,
+    origins: Vec<String>,
+}
+
+impl ChangeSource for NodeSource<'_> {
+    type Error = StoreError;
+
+    fn origins(&self) -> Vec<String> {
+        self.origins.clone()
+    }
+
+    fn read_after(
+        &self,
+        origin: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let mut out = Vec::new();
+        for (hlc, entry) in self.store.log_after(origin, after, limit)? {
+            if origin == self.own && hlc > self.safe_own {
+                break;
+            }
+            out.push(LogEntry {
+                hlc,
+                key: entry.key,
+                change: entry.change,
+            });
+        }
+        Ok(out)
+    }
+
+    fn frontier(&self, origin: &str, class: &str) -> u64 {
+        if origin == self.own {
+            self.safe_own
+        } else {
+            self.frontier.get(origin, class)
+        }
+    }
+}
+
+fn snapshot(engine: &Engine) -> Result<NodeSource<'_>, StoreError> {
+    // Order matters: the safe point and frontier are read before any log scan.
+    let safe_own = engine.safe_own_hlc();
+    let frontier = engine.store().frontier()?;
+    Ok(NodeSource {
+        store: engine.store(),
+        own: &engine.node_id,
+        safe_own,
+        frontier,
+        origins: engine.topology.nodes.iter().map(|n| n.id.clone()).collect(),
+    })
+}
+
+async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), LinkError> {
+    let engine = &ctx.engine;
+    let conn = incoming.await?;
+    // The TLS verifier admitted only a node of the topology in its own region.
+    let identity = tls::peer_identity(&conn, &engine.topology)?;
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let their_hello = read_msg(&mut recv).await?;
+    let stated = match check_hello(&their_hello, &engine.topology.cluster, &identity.node_id) {
+        Ok(f) => f,
+        Err(e) => {
+            let reason = e.to_string();
+            tracing::error!(peer = %identity.node_id, error = %reason, "refusing replication subscriber");
+            close_link(&conn, &mut send, 1, &reason).await;
+            return Err(e.into());
+        }
+    };
+    write_msg(&mut send, &hello(engine, &Frontier::default())).await?;
+    let policy = &engine.topology.residency;
+    let mut out = Outbound::new(
+        policy,
+        &engine.region,
+        &identity.node_id,
+        &identity.region,
+        &stated,
+        StreamLimits::default(),
+    );
+    let link = PeerLink {
+        peer: identity.node_id.clone(),
+        peer_region: identity.region.clone(),
+        direction: "outbound",
+    };
+    let region_label = PeerRegion {
+        peer_region: identity.region.clone(),
+    };
+    engine.metrics.peer_up.get_or_create(&link).set(1);
+    update_peer(engine, &identity.node_id, |s| {
+        s.outbound_connected = true;
+        s.outbound_since_unix_ms = Some(unix_ms());
+    });
+    tracing::info!(peer = %identity.node_id, peer_region = %identity.region, "streaming changes to peer");
+    let result = stream_to(
+        ctx,
+        &conn,
+        &mut send,
+        &mut recv,
+        &mut out,
+        &identity.node_id,
+        &region_label,
+    )
+    .await;
+    engine.metrics.peer_up.get_or_create(&link).set(0);
+    update_peer(engine, &identity.node_id, |s| {
+        s.outbound_connected = false;
+        s.outbound_since_unix_ms = None;
+    });
+    result
+}
+
+async fn stream_to(
+    ctx: &Ctx,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    out: &mut Outbound,
+    peer: &str,
+    region_label: &PeerRegion,
+) -> Result<(), LinkError> {
+    let engine = &ctx.engine;
+    let policy = &engine.topology.residency;
+    let mut commits = engine.subscribe_commits();
+    let mut shutdown = ctx.shutdown.clone();
+    let age_limit = tokio::time::sleep(MAX_CONNECTION_AGE);
+    tokio::pin!(age_limit);
+    loop {
+        // Fill the window from the log on disk.
+        loop {
+            let source = snapshot(engine)?;
+            match out.poll_batch(&source, policy)? {
+                Some(batch) => write_msg(send, &batch).await?,
+                None => break,
+            }
+        }
+        tokio::select! {
+            msg = read_msg(recv) => match msg? {
+                Message::Ack { seq } => {
+                    let n = out.on_ack(seq)?;
+                    engine.metrics.changes_sent_total.get_or_create(region_label).inc_by(n as u64);
+                    let acked: std::collections::BTreeMap<String, String> = out
+                        .acked()
+                        .iter()
+                        .filter(|(_, c, _)| c.is_empty())
+                        .map(|(o, _, h)| (o.to_string(), meridian_replication::Version { time_ntp64: h, node_hlc_id: 0 }.to_string()))
+                        .collect();
+                    update_peer(engine, peer, |s| {
+                        s.changes_sent += n as u64;
+                        s.peer_frontier = acked;
+                    });
+                }
+                Message::Close { reason } => return Err(LinkError::PeerClosed(reason)),
+                Message::Hello { .. } => return Err(meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into()),
+                Message::Batch { .. } => return Err(meridian_replication::core::ProtocolError::UnexpectedMessage("batch").into()),
+            },
+            _ = commits.changed() => {}
+            () = tokio::time::sleep(IDLE_TICK) => {}
+            () = &mut age_limit => {
+                conn.close(0u32.into(), b"connection age limit");
+                return Ok(());
+            }
+            _ = shutdown.changed() => {
+                close_link(conn, send, 0, "node shutting down").await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Apply changes held for clock drift once the clock has caught up, and keep the pending gauges
+/// current.
+async fn retry_loop(ctx: Arc<Ctx>) {
+    let engine = &ctx.engine;
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        match engine.retry_due_pending(256).await {
+            Ok(stats) if stats.applied > 0 => {
+                tracing::info!(
+                    applied = stats.applied,
+                    "applied changes that were held for clock drift"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retrying held changes failed; will retry"),
+        }
+        if let Ok((_, counts)) = engine.store().pending_summary(0, 0) {
+            for (reason, n) in [
+                ("waiting_for_dependencies", counts[0]),
+                ("held_for_drift", counts[1]),
+                ("quarantined", counts[2]),
+            ] {
+                engine
+                    .metrics
+                    .pending_changes
+                    .get_or_create(&Reason { reason })
+                    .set(n as i64);
+            }
+        }
+    }
+}
