@@ -328,13 +328,14 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     let n = plan.refused.len() as u64;
                     update_peer(engine, &peer.id, |s| s.residency_violations += n);
                 }
-                let newest_accepted = plan
+                let accepted_hlcs: Vec<u64> = plan
                     .by_key
                     .values()
                     .flatten()
                     .filter(|a| !a.held_for_drift)
                     .map(|a| a.hlc)
-                    .max();
+                    .collect();
+                let newest_accepted = accepted_hlcs.iter().copied().max();
                 let stats = engine.apply_remote(plan).await?;
                 write_msg(&mut send, &Message::Ack { seq }).await?;
                 if stats.held_for_drift > 0 {
@@ -365,6 +366,13 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     .unix_ms();
                     now_ms.saturating_sub(origin_ms)
                 });
+                let lag_hist = engine.metrics.apply_lag_seconds.get_or_create(&region_label);
+                let now_ntp64 = engine.clock.now().time_ntp64;
+                for hlc in &accepted_hlcs {
+                    // NTP64: upper 32 bits seconds, lower 32 bits fraction.
+                    lag_hist.observe(now_ntp64.saturating_sub(*hlc) as f64 / 4_294_967_296.0);
+                }
+                drop(lag_hist);
                 if let Some(lag) = lag_ms {
                     engine
                         .metrics
