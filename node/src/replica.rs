@@ -366,7 +366,10 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     .unix_ms();
                     now_ms.saturating_sub(origin_ms)
                 });
-                let lag_hist = engine.metrics.apply_lag_seconds.get_or_create(&region_label);
+                let lag_hist = engine
+                    .metrics
+                    .apply_lag_seconds
+                    .get_or_create(&region_label);
                 let now_ntp64 = engine.clock.now().time_ntp64;
                 for hlc in &accepted_hlcs {
                     // NTP64: upper 32 bits seconds, lower 32 bits fraction.

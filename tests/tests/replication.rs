@@ -492,9 +492,19 @@ async fn changes_are_relayed_when_the_direct_link_is_cut() {
     }
     let (eu, ap) = (cluster.url(0, ""), cluster.url(2, ""));
     for i in 0..20 {
-        let r = client.put(format!("{eu}/v1/kv/relay/eu/{i}")).json(&json!({"i": i})).send().await.expect("put");
+        let r = client
+            .put(format!("{eu}/v1/kv/relay/eu/{i}"))
+            .json(&json!({"i": i}))
+            .send()
+            .await
+            .expect("put");
         assert_eq!(r.status(), 200);
-        let r = client.post(format!("{ap}/v1/kv/relay/ctr/incr")).json(&json!({"field": "n"})).send().await.expect("incr");
+        let r = client
+            .post(format!("{ap}/v1/kv/relay/ctr/incr"))
+            .json(&json!({"field": "n"}))
+            .send()
+            .await
+            .expect("incr");
         assert_eq!(r.status(), 200);
     }
     let ok = poll_until(DEADLINE, || {
@@ -509,10 +519,29 @@ async fn changes_are_relayed_when_the_direct_link_is_cut() {
         }
     })
     .await;
-    assert!(ok, "changes did not travel eu-west -> us-east -> ap-south and back; logs:\n{}\n{}\n{}", cluster.log(0), cluster.log(1), cluster.log(2));
+    assert!(
+        ok,
+        "changes did not travel eu-west -> us-east -> ap-south and back; logs:\n{}\n{}\n{}",
+        cluster.log(0),
+        cluster.log(1),
+        cluster.log(2)
+    );
     // The direct links really are down.
-    let status: Value = client.get(format!("{eu}/v1/status")).send().await.expect("status").json().await.expect("json");
-    let ap_peer = status["peers"].as_array().expect("peers").iter().find(|p| p["node"] == "ap-south-1").cloned().expect("peer");
+    let status: Value = client
+        .get(format!("{eu}/v1/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    let ap_peer = status["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["node"] == "ap-south-1")
+        .cloned()
+        .expect("peer");
     assert_eq!(ap_peer["receiving"]["connected"], json!(false), "{ap_peer}");
 }
 
@@ -529,29 +558,74 @@ async fn changes_stamped_beyond_the_drift_are_held_then_applied_and_others_keep_
         cluster.wait_ready(i, &client).await;
     }
     let (eu, us, ap) = (cluster.url(0, ""), cluster.url(1, ""), cluster.url(2, ""));
-    let r = client.put(format!("{eu}/v1/kv/skewed")).json(&json!({"from": "eu"})).send().await.expect("put");
+    let r = client
+        .put(format!("{eu}/v1/kv/skewed"))
+        .json(&json!({"from": "eu"}))
+        .send()
+        .await
+        .expect("put");
     assert_eq!(r.status(), 200);
-    let r = client.put(format!("{ap}/v1/kv/normal")).json(&json!({"from": "ap"})).send().await.expect("put");
+    let r = client
+        .put(format!("{ap}/v1/kv/normal"))
+        .json(&json!({"from": "ap"}))
+        .send()
+        .await
+        .expect("put");
     assert_eq!(r.status(), 200);
     // The stream keeps flowing for everything else: ap's write reaches us-east.
-    assert!(poll_until(DEADLINE, || { let (c, us) = (client.clone(), us.clone()); async move { get(&c, &us, "normal").await.is_some() } }).await);
+    assert!(
+        poll_until(DEADLINE, || {
+            let (c, us) = (client.clone(), us.clone());
+            async move { get(&c, &us, "normal").await.is_some() }
+        })
+        .await
+    );
     // eu's change is held, counted and visible, not applied (yet).
     let held = poll_until(DEADLINE, || {
         let (c, us) = (client.clone(), us.clone());
         async move {
-            let Ok(r) = c.get(format!("{us}/metrics")).send().await else { return false };
+            let Ok(r) = c.get(format!("{us}/metrics")).send().await else {
+                return false;
+            };
             let text = r.text().await.unwrap_or_default();
-            metric(&text, "meridian_replication_drift_refusals_total{peer_region=\"eu-west\"}").is_some_and(|n| n >= 1.0)
+            metric(
+                &text,
+                "meridian_replication_drift_refusals_total{peer_region=\"eu-west\"}",
+            )
+            .is_some_and(|n| n >= 1.0)
         }
     })
     .await;
     assert!(held, "no drift refusal counted; log:\n{}", cluster.log(1));
-    let status: Value = client.get(format!("{us}/v1/status")).send().await.expect("status").json().await.expect("json");
-    let eu_peer = status["peers"].as_array().expect("peers").iter().find(|p| p["node"] == "eu-west-1").cloned().expect("peer");
-    assert!(eu_peer["receiving"]["drift_refusals"].as_u64().is_some_and(|n| n >= 1), "{eu_peer}");
+    let status: Value = client
+        .get(format!("{us}/v1/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    let eu_peer = status["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["node"] == "eu-west-1")
+        .cloned()
+        .expect("peer");
+    assert!(
+        eu_peer["receiving"]["drift_refusals"]
+            .as_u64()
+            .is_some_and(|n| n >= 1),
+        "{eu_peer}"
+    );
     // Once real time passes the stamp, the held change is applied: nothing was lost.
     assert!(
-        poll_until(DEADLINE, || { let (c, us) = (client.clone(), us.clone()); async move { get(&c, &us, "skewed").await.is_some() } }).await,
-        "the held change was never applied; log:\n{}", cluster.log(1)
+        poll_until(DEADLINE, || {
+            let (c, us) = (client.clone(), us.clone());
+            async move { get(&c, &us, "skewed").await.is_some() }
+        })
+        .await,
+        "the held change was never applied; log:\n{}",
+        cluster.log(1)
     );
 }

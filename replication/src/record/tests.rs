@@ -385,7 +385,9 @@ fn apply_tracked_reports_waiting_changes_until_their_dependencies_arrive() {
     let second = a.patch(&obj(json!({"y": 2})), stamp(2, 1)).unwrap();
     let mut b = RecordDoc::new(actor(2)).unwrap();
     // The second change depends on the first: offered alone, it waits.
-    let r = b.apply_tracked(std::slice::from_ref(&second.bytes)).unwrap();
+    let r = b
+        .apply_tracked(std::slice::from_ref(&second.bytes))
+        .unwrap();
     assert_eq!((r.applied.clone(), r.waiting.clone()), (vec![], vec![0]));
     assert!(b.view().unwrap().is_none());
     // Offered again together with its dependency, both apply.
