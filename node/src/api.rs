@@ -22,7 +22,8 @@ use meridian_replication::record::{MAX_DEPTH, json_depth};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json, json};
 
-use crate::engine::{Engine, Idempotency, ReadError, WriteError, WriteOp};
+use crate::engine::{Admission, Engine, Idempotency, ReadError, WriteError, WriteOp};
+use meridian_replication::wire::ForwardMethod;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -55,13 +56,20 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON body of this error.
+    pub fn body(&self) -> Vec<u8> {
+        let mut body = json!({"error": self.kind, "message": self.message});
+        if let (Some((k, v)), Some(obj)) = (&self.extra, body.as_object_mut()) {
+            obj.insert(k.to_string(), v.clone());
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"error": self.kind, "message": self.message});
-        if let (Some((k, v)), Some(obj)) = (self.extra, body.as_object_mut()) {
-            obj.insert(k.to_string(), v);
-        }
-        (self.status, axum::Json(body)).into_response()
+        json_response(self.status, self.body(), false, None)
     }
 }
 
@@ -483,17 +491,11 @@ async fn kv(
     }
     let key = decode_key(raw_key)?;
     let op = match method {
-        Method::GET | Method::HEAD => {
-            return match engine.read(&key)? {
-                Some(record) => Ok(axum::Json(record.to_json()).into_response()),
-                None => Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("no record {key:?} is stored on this node"),
-                )),
-            };
-        }
-        Method::PUT | Method::PATCH | Method::POST | Method::DELETE => method.clone(),
+        Method::GET | Method::HEAD => ForwardMethod::Get,
+        Method::PUT => ForwardMethod::Put,
+        Method::PATCH => ForwardMethod::Patch,
+        Method::POST => ForwardMethod::Incr,
+        Method::DELETE => ForwardMethod::Delete,
         other => {
             return Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -502,38 +504,154 @@ async fn kv(
             ));
         }
     };
-    let idem_key = idempotency_key(&headers)?;
-    let bytes = read_body(body, &headers).await?;
-    let write = match op {
-        Method::PUT => WriteOp::Put(parse_object(&bytes)?),
-        Method::PATCH => WriteOp::Patch(parse_object(&bytes)?),
-        Method::POST => {
-            let incr: IncrBody = serde_json::from_slice(&bytes).map_err(|e| {
+    let (idem_key, bytes) = if op == ForwardMethod::Get {
+        (None, Bytes::new())
+    } else {
+        (idempotency_key(&headers)?, read_body(body, &headers).await?)
+    };
+    if let Admission::Forward {
+        home,
+        rule,
+        regions,
+    } = engine.admission(&key)
+    {
+        return forward(&engine, op, &key, idem_key, &bytes, &home, &rule, &regions).await;
+    }
+    let (status, body, replayed) = execute_local(&engine, op, &key, &bytes, idem_key).await;
+    Ok(json_response(status, body, replayed, None))
+}
+
+fn json_response(
+    status: StatusCode,
+    body: Vec<u8>,
+    replayed: bool,
+    served_by: Option<(&str, &str)>,
+) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if let Some((region, node)) = served_by {
+        if let Ok(v) = HeaderValue::from_str(region) {
+            headers.insert("meridian-served-by-region", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(node) {
+            headers.insert("meridian-served-by-node", v);
+        }
+    }
+    response
+}
+
+/// Carry a request for a record this region may not hold to a node of a region that may, and
+/// relay its answer. Nothing of the record is stored here.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    engine: &Engine,
+    op: ForwardMethod,
+    key: &str,
+    idem_key: Option<String>,
+    bytes: &[u8],
+    home: &str,
+    rule: &str,
+    regions: &[String],
+) -> Result<Response, ApiError> {
+    let unreachable = |why: String| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        kind: "home_region_unreachable",
+        message: format!(
+            "record {key:?} is pinned to region {home:?} by rule {rule:?} and may not be stored in region {:?}; forwarding failed: {why}",
+            engine.region
+        ),
+        extra: Some(("home_region", Json::String(home.to_string()))),
+    };
+    let Some(forwarder) = engine.forwarder.get() else {
+        return Err(unreachable("this node has no peer links".into()));
+    };
+    let request = meridian_replication::wire::Message::Forward {
+        method: op,
+        key: key.to_string(),
+        idempotency_key: idem_key.unwrap_or_default(),
+        body: bytes.to_vec(),
+    };
+    match forwarder.forward(regions, request).await {
+        Ok(answer) => {
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            Ok(json_response(
+                status,
+                answer.body,
+                answer.replayed,
+                Some((&answer.region, &answer.node)),
+            ))
+        }
+        Err(e) => Err(unreachable(e.to_string())),
+    }
+}
+
+/// Execute a record operation on this node: the HTTP API's path, and the path of requests
+/// forwarded here by peers. Returns status, JSON body, and whether it was an idempotent replay.
+pub async fn execute_local(
+    engine: &Engine,
+    op: ForwardMethod,
+    key: &str,
+    bytes: &[u8],
+    idem_key: Option<String>,
+) -> (StatusCode, Vec<u8>, bool) {
+    match execute_inner(engine, op, key, bytes, idem_key).await {
+        Ok(done) => done,
+        Err(e) => (e.status, e.body(), false),
+    }
+}
+
+async fn execute_inner(
+    engine: &Engine,
+    op: ForwardMethod,
+    key: &str,
+    bytes: &[u8],
+    idem_key: Option<String>,
+) -> Result<(StatusCode, Vec<u8>, bool), ApiError> {
+    validate_key(key)?;
+    let (write, method_name) = match op {
+        ForwardMethod::Get => {
+            return match engine.read(key)? {
+                Some(record) => Ok((
+                    StatusCode::OK,
+                    serde_json::to_vec(&record.to_json()).unwrap_or_default(),
+                    false,
+                )),
+                None => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no record {key:?} is stored on this node"),
+                )),
+            };
+        }
+        ForwardMethod::Put => (WriteOp::Put(parse_object(bytes)?), "PUT"),
+        ForwardMethod::Patch => (WriteOp::Patch(parse_object(bytes)?), "PATCH"),
+        ForwardMethod::Incr => {
+            let incr: IncrBody = serde_json::from_slice(bytes).map_err(|e| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
                     format!("incr expects {{\"field\": \"name\", \"by\": 1}}: {e}"),
                 )
             })?;
-            WriteOp::Incr {
-                field: incr.field,
-                by: incr.by,
-            }
+            (
+                WriteOp::Incr {
+                    field: incr.field,
+                    by: incr.by,
+                },
+                "POST",
+            )
         }
-        _ => WriteOp::Delete,
+        ForwardMethod::Delete => (WriteOp::Delete, "DELETE"),
     };
-    let idempotency = idem_key.map(|k| Idempotency::new(&k, op.as_str(), &key, &bytes));
-    let answer = engine.write(&key, write, idempotency).await?;
+    let idempotency = idem_key.map(|k| Idempotency::new(&k, method_name, key, bytes));
+    let answer = engine.write(key, write, idempotency).await?;
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
-    let mut response = (status, answer.body).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if answer.replayed {
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    Ok((status, answer.body, answer.replayed))
 }

@@ -176,6 +176,21 @@ impl ReadRecord {
     }
 }
 
+/// Where a request for a key is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// This node's region may hold the record.
+    Local,
+    /// Carry it to a node of one of `regions` (home first, then replicas).
+    Forward {
+        home: String,
+        rule: String,
+        regions: Vec<String>,
+    },
+    /// Answer 421 naming the home region.
+    Reject { home: String, rule: String },
+}
+
 /// One peer as the replication links see it.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PeerStatus {
@@ -268,6 +283,9 @@ pub struct Engine {
     writer: mpsc::Sender<Job>,
     healthy: AtomicBool,
     stamps: Mutex<StampBook>,
+    /// Carries requests for records pinned elsewhere to a node that may hold them; set once the
+    /// replication links run.
+    pub forwarder: std::sync::OnceLock<Arc<crate::replica::Forwarder>>,
     /// What the replication links report, for `/v1/status`.
     pub peers: Mutex<std::collections::BTreeMap<String, PeerStatus>>,
     /// Bumped after every commit, so that senders wake up for new log entries.
@@ -353,6 +371,7 @@ impl Engine {
                 newest: last_own_hlc,
             }),
             committed,
+            forwarder: std::sync::OnceLock::new(),
             peers: Mutex::new(
                 topology_for_peers
                     .peers_of(node_id)
@@ -382,6 +401,30 @@ impl Engine {
 
     fn home_region(&self, key: &str) -> Option<String> {
         self.topology.residency.home_region(key).map(str::to_string)
+    }
+
+    /// Residency admission for a client request.
+    pub fn admission(&self, key: &str) -> Admission {
+        match self.topology.residency.placement(key) {
+            Placement::Pinned { rule, home } if !rule.may_hold(&self.region) => {
+                match rule.foreign() {
+                    Foreign::Reject => Admission::Reject {
+                        home: home.to_string(),
+                        rule: rule.name().to_string(),
+                    },
+                    Foreign::Forward => {
+                        let mut regions = vec![home.to_string()];
+                        regions.extend(rule.replicas().iter().cloned());
+                        Admission::Forward {
+                            home: home.to_string(),
+                            rule: rule.name().to_string(),
+                            regions,
+                        }
+                    }
+                }
+            }
+            _ => Admission::Local,
+        }
     }
 
     /// Residency admission: may this node's region hold `key`?

@@ -64,8 +64,161 @@ pub enum LinkError {
     Apply(#[from] crate::engine::WriteError),
 }
 
+/// The answer of a peer to a forwarded request.
+#[derive(Debug)]
+pub struct ForwardAnswer {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub region: String,
+    pub node: String,
+    pub replayed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no node of region(s) {regions:?} is connected{tried}")]
+    NoneReachable { regions: Vec<String>, tried: String },
+}
+
+/// How long a forwarded request may take before the next candidate node is tried.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Carries client requests for records pinned elsewhere over the authenticated peer links.
+/// Uses the connections this node dialled (one per peer), one QUIC stream per request.
+pub struct Forwarder {
+    topology: Arc<crate::topology::Topology>,
+    conns: std::sync::Mutex<std::collections::HashMap<String, quinn::Connection>>,
+}
+
+impl Forwarder {
+    fn conn(&self, node: &str) -> Option<quinn::Connection> {
+        let conns = match self.conns.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        conns.get(node).cloned()
+    }
+
+    fn register(&self, node: &str, conn: Option<quinn::Connection>) {
+        let mut conns = match self.conns.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        match conn {
+            Some(c) => conns.insert(node.to_string(), c),
+            None => conns.remove(node),
+        };
+    }
+
+    /// Send `request` to a node of the first of `regions` that answers.
+    pub async fn forward(
+        &self,
+        regions: &[String],
+        request: Message,
+    ) -> Result<ForwardAnswer, ForwardError> {
+        let mut tried = Vec::new();
+        for region in regions {
+            for node in self.topology.nodes_in(region) {
+                let Some(conn) = self.conn(&node.id) else {
+                    continue;
+                };
+                match tokio::time::timeout(FORWARD_TIMEOUT, forward_rpc(&conn, &request)).await {
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(e)) => tried.push(format!("{}: {e}", node.id)),
+                    Err(_) => {
+                        tried.push(format!("{}: no answer within {FORWARD_TIMEOUT:?}", node.id))
+                    }
+                }
+            }
+        }
+        Err(ForwardError::NoneReachable {
+            regions: regions.to_vec(),
+            tried: if tried.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", tried.join("; "))
+            },
+        })
+    }
+}
+
+async fn forward_rpc(
+    conn: &quinn::Connection,
+    request: &Message,
+) -> Result<ForwardAnswer, LinkError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_msg(&mut send, request).await?;
+    let _ = send.finish();
+    match read_msg(&mut recv).await? {
+        Message::Forwarded {
+            status,
+            region,
+            node,
+            body,
+        } => Ok(ForwardAnswer {
+            status,
+            body,
+            region,
+            node,
+            replayed: false,
+        }),
+        _ => Err(
+            meridian_replication::core::ProtocolError::UnexpectedMessage("non-forward answer")
+                .into(),
+        ),
+    }
+}
+
+/// Serve requests that `peer` forwards to us on its connection, one stream each.
+async fn serve_forwards(engine: Arc<Engine>, conn: quinn::Connection, peer: String) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let engine = engine.clone();
+        let peer = peer.clone();
+        tokio::spawn(
+            async move {
+                let request = match read_msg(&mut recv).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "bad forwarded request");
+                        return;
+                    }
+                };
+                let Message::Forward {
+                    method,
+                    key,
+                    idempotency_key,
+                    body,
+                } = request
+                else {
+                    tracing::warn!(%peer, "unexpected message on a forwarding stream");
+                    return;
+                };
+                let idem = (!idempotency_key.is_empty()).then_some(idempotency_key);
+                let (status, answer, _) =
+                    crate::api::execute_local(&engine, method, &key, &body, idem).await;
+                let reply = Message::Forwarded {
+                    status: status.as_u16(),
+                    region: engine.region.clone(),
+                    node: engine.node_id.clone(),
+                    body: answer,
+                };
+                if let Err(e) = write_msg(&mut send, &reply).await {
+                    tracing::warn!(%peer, error = %e, "answering a forwarded request failed");
+                }
+                let _ = send.finish();
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+}
+
 /// Everything the link tasks share.
 struct Ctx {
+    forwarder: Arc<Forwarder>,
     engine: Arc<Engine>,
     tls: Arc<PeerTls>,
     endpoint: quinn::Endpoint,
@@ -81,7 +234,14 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let endpoint = tls::endpoint(bind, &tls)?;
+    let forwarder = Arc::new(Forwarder {
+        topology: engine.topology.clone(),
+        conns: Default::default(),
+    });
+    // Only one replication driver runs per engine; a second set would be a bug, not a state.
+    let _ = engine.forwarder.set(forwarder.clone());
     let ctx = Arc::new(Ctx {
+        forwarder,
         engine: engine.clone(),
         tls: Arc::new(tls),
         endpoint: endpoint.clone(),
@@ -209,6 +369,7 @@ async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
             .unwrap_or(peer.peer);
         let started = Instant::now();
         let result = subscribe_once(&ctx, &peer, addr).await;
+        ctx.forwarder.register(&peer.id, None);
         engine.metrics.peer_up.get_or_create(&link).set(0);
         update_peer(engine, &peer.id, |s| {
             s.inbound_connected = false;
@@ -272,6 +433,7 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
         peer_region: peer.region.clone(),
     };
     engine.metrics.peer_up.get_or_create(&link).set(1);
+    ctx.forwarder.register(&peer.id, Some(conn.clone()));
     update_peer(engine, &peer.id, |s| {
         s.inbound_connected = true;
         s.inbound_since_unix_ms = Some(unix_ms());
@@ -401,9 +563,12 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into(),
                 );
             }
-            Message::Ack { .. } => {
+            Message::Ack { .. } | Message::Forward { .. } | Message::Forwarded { .. } => {
                 return Err(
-                    meridian_replication::core::ProtocolError::UnexpectedMessage("ack").into(),
+                    meridian_replication::core::ProtocolError::UnexpectedMessage(
+                        "ack or forward on the subscription stream",
+                    )
+                    .into(),
                 );
             }
         }
@@ -518,6 +683,11 @@ async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), Li
         }
     };
     write_msg(&mut send, &hello(engine, &Frontier::default())).await?;
+    // Further streams on this connection are requests the peer forwards to us.
+    let forwards = tokio::spawn(
+        serve_forwards(engine.clone(), conn.clone(), identity.node_id.clone())
+            .instrument(tracing::Span::current()),
+    );
     let policy = &engine.topology.residency;
     let mut out = Outbound::new(
         policy,
@@ -551,6 +721,7 @@ async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), Li
         &region_label,
     )
     .await;
+    forwards.abort();
     engine.metrics.peer_up.get_or_create(&link).set(0);
     update_peer(engine, &identity.node_id, |s| {
         s.outbound_connected = false;
@@ -601,7 +772,9 @@ async fn stream_to(
                 }
                 Message::Close { reason } => return Err(LinkError::PeerClosed(reason)),
                 Message::Hello { .. } => return Err(meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into()),
-                Message::Batch { .. } => return Err(meridian_replication::core::ProtocolError::UnexpectedMessage("batch").into()),
+                Message::Batch { .. } | Message::Forward { .. } | Message::Forwarded { .. } => {
+                    return Err(meridian_replication::core::ProtocolError::UnexpectedMessage("batch or forward on the subscription stream").into());
+                }
             },
             _ = commits.changed() => {}
             () = tokio::time::sleep(IDLE_TICK) => {}

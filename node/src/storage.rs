@@ -23,12 +23,13 @@ use redb::{
     Database, Durability, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition,
 };
 
-const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
-const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
-const FRONTIER: TableDefinition<(&str, &str), u64> = TableDefinition::new("frontier");
-const PENDING: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("pending");
+pub(crate) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+pub(crate) const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+pub(crate) const FRONTIER: TableDefinition<(&str, &str), u64> = TableDefinition::new("frontier");
+pub(crate) const PENDING: TableDefinition<(&str, &str, u64), &[u8]> =
+    TableDefinition::new("pending");
 
 const META_NODE_ID: &str = "node_id";
 const META_INCARNATION: &str = "incarnation";
@@ -67,11 +68,11 @@ pub enum StoreError {
     Corrupt { what: String, why: String },
 }
 
-fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
+pub(crate) fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(e.into())
 }
 
-fn corrupt(what: impl Into<String>, why: impl Into<String>) -> StoreError {
+pub(crate) fn corrupt(what: impl Into<String>, why: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         what: what.into(),
         why: why.into(),
@@ -340,7 +341,7 @@ pub struct Identity {
 }
 
 pub struct Store {
-    db: Database,
+    pub(crate) db: Database,
     node_id: String,
     path: PathBuf,
 }

@@ -206,6 +206,9 @@ pub fn check_hello(
         Message::Batch { .. } => Err(ProtocolError::UnexpectedMessage("batch")),
         Message::Ack { .. } => Err(ProtocolError::UnexpectedMessage("ack")),
         Message::Close { .. } => Err(ProtocolError::UnexpectedMessage("close")),
+        Message::Forward { .. } | Message::Forwarded { .. } => {
+            Err(ProtocolError::UnexpectedMessage("forward"))
+        }
     }
 }
 

@@ -58,7 +58,58 @@ pub enum Message {
     Ack { seq: u64 },
     /// The sender of this message closes the link, and says why.
     Close { reason: String },
+    /// A client request for a record this node's region may not hold, carried to a node of a
+    /// region that may (residency `foreign = "forward"`). Sent on its own stream.
+    Forward {
+        method: ForwardMethod,
+        key: String,
+        /// Empty when the client sent no `Idempotency-Key`.
+        idempotency_key: String,
+        body: Vec<u8>,
+    },
+    /// The answer to a `Forward`, from the node that served it.
+    Forwarded {
+        status: u16,
+        region: String,
+        node: String,
+        body: Vec<u8>,
+    },
 }
+
+/// The client operation a `Forward` carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardMethod {
+    Get,
+    Put,
+    Patch,
+    Incr,
+    Delete,
+}
+
+impl ForwardMethod {
+    fn code(self) -> u8 {
+        match self {
+            ForwardMethod::Get => 0,
+            ForwardMethod::Put => 1,
+            ForwardMethod::Patch => 2,
+            ForwardMethod::Incr => 3,
+            ForwardMethod::Delete => 4,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            0 => ForwardMethod::Get,
+            1 => ForwardMethod::Put,
+            2 => ForwardMethod::Patch,
+            3 => ForwardMethod::Incr,
+            4 => ForwardMethod::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// Largest forwarded request or answer body (the API's body limit, plus room for the answer).
+pub const MAX_FORWARD_BODY_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
@@ -82,6 +133,8 @@ const T_HELLO: u8 = 1;
 const T_BATCH: u8 = 2;
 const T_ACK: u8 = 3;
 const T_CLOSE: u8 = 4;
+const T_FORWARD: u8 = 5;
+const T_FORWARDED: u8 = 6;
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
@@ -126,6 +179,32 @@ impl Message {
                 w.push(T_CLOSE);
                 let cut: String = reason.chars().take(MAX_REASON_BYTES / 4).collect();
                 put_str(&mut w, &cut);
+            }
+            Message::Forward {
+                method,
+                key,
+                idempotency_key,
+                body,
+            } => {
+                w.push(T_FORWARD);
+                w.push(method.code());
+                put_str(&mut w, key);
+                put_str(&mut w, idempotency_key);
+                w.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                w.extend_from_slice(body);
+            }
+            Message::Forwarded {
+                status,
+                region,
+                node,
+                body,
+            } => {
+                w.push(T_FORWARDED);
+                w.extend_from_slice(&status.to_be_bytes());
+                put_str(&mut w, region);
+                put_str(&mut w, node);
+                w.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                w.extend_from_slice(body);
             }
         }
         w
@@ -188,6 +267,22 @@ impl Message {
             T_ACK => Message::Ack { seq: r.u64()? },
             T_CLOSE => Message::Close {
                 reason: r.string("close reason", MAX_REASON_BYTES)?,
+            },
+            T_FORWARD => {
+                let code = r.u8()?;
+                let method = ForwardMethod::from_code(code).ok_or(WireError::UnknownType(code))?;
+                Message::Forward {
+                    method,
+                    key: r.string("key", MAX_NAME_BYTES)?,
+                    idempotency_key: r.string("idempotency key", MAX_NAME_BYTES)?,
+                    body: r.body()?,
+                }
+            }
+            T_FORWARDED => Message::Forwarded {
+                status: r.u16()?,
+                region: r.string("region", MAX_NAME_BYTES)?,
+                node: r.string("node", MAX_NAME_BYTES)?,
+                body: r.body()?,
             },
             other => return Err(WireError::UnknownType(other)),
         };
@@ -261,6 +356,18 @@ impl<'a> Reader<'a> {
             .map(str::to_string)
             .map_err(|_| WireError::NotUtf8(what))
     }
+    fn body(&mut self) -> Result<Vec<u8>, WireError> {
+        let len = self.u32()? as usize;
+        if len > MAX_FORWARD_BODY_BYTES {
+            return Err(WireError::TooLarge {
+                what: "forwarded body",
+                len,
+                limit: MAX_FORWARD_BODY_BYTES,
+            });
+        }
+        Ok(self.take(len)?.to_vec())
+    }
+
     fn frontier(&mut self) -> Result<Vec<FrontierEntry>, WireError> {
         let count = self.u32()? as usize;
         if count > MAX_FRONTIER_ENTRIES {
@@ -314,6 +421,18 @@ mod tests {
             Message::Ack { seq: 3 },
             Message::Close {
                 reason: "cluster mismatch".into(),
+            },
+            Message::Forward {
+                method: ForwardMethod::Patch,
+                key: "users/eu/1".into(),
+                idempotency_key: "k-1".into(),
+                body: b"{\"a\":1}".to_vec(),
+            },
+            Message::Forwarded {
+                status: 200,
+                region: "eu-west".into(),
+                node: "eu-1".into(),
+                body: b"{}".to_vec(),
             },
         ]
     }

@@ -629,3 +629,65 @@ async fn changes_stamped_beyond_the_drift_are_held_then_applied_and_others_keep_
         cluster.log(1)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_never_saw_each_other_show_identical_conflicts() {
+    let mut cluster = Cluster::new(2, "");
+    let client = reqwest::Client::new();
+    // Each region writes while the other is down: the writes are truly concurrent.
+    cluster.start(0);
+    cluster.wait_ready(0, &client).await;
+    let a = cluster.url(0, "");
+    let b = cluster.url(1, "");
+    let r = client
+        .put(format!("{a}/v1/kv/doc"))
+        .json(&json!({"color": "red", "a": 1}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 200);
+    cluster.stop(0);
+    cluster.start(1);
+    cluster.wait_ready(1, &client).await;
+    let r = client
+        .put(format!("{b}/v1/kv/doc"))
+        .json(&json!({"color": "blue", "b": 2}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 200);
+    cluster.start(0);
+    cluster.wait_ready(0, &client).await;
+    let converged = poll_until(DEADLINE, || {
+        let (c, a, b) = (client.clone(), a.clone(), b.clone());
+        async move {
+            match (get(&c, &a, "doc").await, get(&c, &b, "doc").await) {
+                (Some(x), Some(y)) => {
+                    converged_part(&x) == converged_part(&y) && x.get("conflicts").is_some()
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    assert!(
+        converged,
+        "no identical conflicts; logs:\n{}\n{}",
+        cluster.log(0),
+        cluster.log(1)
+    );
+    let doc = get(&client, &a, "doc").await.expect("doc");
+    // Fields written on one side only merge; the field written on both shows one value and
+    // the other as its conflict.
+    assert_eq!(doc["value"]["a"], json!(1));
+    assert_eq!(doc["value"]["b"], json!(2));
+    let winner = doc["value"]["color"].clone();
+    let losers = doc["conflicts"]["/color"]
+        .as_array()
+        .cloned()
+        .expect("conflict on /color");
+    let mut all = vec![winner];
+    all.extend(losers);
+    all.sort_by_key(|v| v.to_string());
+    assert_eq!(all, vec![json!("blue"), json!("red")], "{doc}");
+}
