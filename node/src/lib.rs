@@ -3,6 +3,7 @@
 //! this library, so tests can run a node in-process on a listener bound to port 0.
 
 pub mod api;
+pub mod audit;
 pub mod clock;
 pub mod dev;
 pub mod engine;

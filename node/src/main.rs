@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use meridian_node::logging::{self, LogFormat};
 use meridian_node::topology::{self, Topology, TopologyError};
-use meridian_node::{clock, dev, server, storage, tls};
+use meridian_node::{audit, clock, dev, server, storage, tls};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,6 +40,16 @@ enum Command {
         /// negative), to inject clock skew in partition tests.
         #[arg(long, allow_hyphen_values = true, default_value_t = 0)]
         test_clock_offset_ms: i64,
+        /// Delete at start every record, log entry and kept-aside change that the topology's
+        /// residency rules do not allow in this node's region (the report goes to stderr).
+        /// Without it, a node holding such data refuses to start.
+        #[arg(long)]
+        purge_disallowed: bool,
+    },
+    /// Residency tools.
+    Residency {
+        #[command(subcommand)]
+        command: ResidencyCommand,
     },
     /// Topology file tools.
     Topology {
@@ -76,6 +86,25 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum ResidencyCommand {
+    /// Offline: list every record, log entry and kept-aside change in a data directory that
+    /// the topology's residency rules do not allow in its node's region. Exit 0 if none, 1 if
+    /// any, 2 if the audit could not be made. The node must be stopped.
+    Audit {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Also check that the directory belongs to this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum TopologyCommand {
     /// Validate a topology file; print every problem; exit 0 only if valid.
     Check { file: PathBuf },
@@ -101,6 +130,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Dump { data_dir, json } => dump(&data_dir, json),
+        Command::Residency {
+            command:
+                ResidencyCommand::Audit {
+                    topology,
+                    data_dir,
+                    node,
+                    json,
+                },
+        } => residency_audit(&topology, &data_dir, node.as_deref(), json),
         Command::Certs { topology, out } => certs(&topology, &out),
         Command::Dev { regions, dir } => dev(regions, dir, cli.log_format),
         Command::Serve {
@@ -108,7 +146,14 @@ fn main() -> ExitCode {
             node,
             data_dir,
             test_clock_offset_ms,
-        } => serve(&topology, &node, data_dir, test_clock_offset_ms),
+            purge_disallowed,
+        } => serve(
+            &topology,
+            &node,
+            data_dir,
+            test_clock_offset_ms,
+            purge_disallowed,
+        ),
     }
 }
 
@@ -127,6 +172,7 @@ fn serve(
     node_id: &str,
     data_dir: Option<PathBuf>,
     test_clock_offset_ms: i64,
+    purge_disallowed: bool,
 ) -> ExitCode {
     let topology = match load_topology(topology_path) {
         Ok(t) => Arc::new(t),
@@ -173,7 +219,10 @@ fn serve(
             &node_id,
             &data_dir,
             listener,
-            server::NodeOptions::default(),
+            server::NodeOptions {
+                purge_disallowed,
+                ..server::NodeOptions::default()
+            },
             server::shutdown_signal(),
         )
         .await
@@ -186,6 +235,10 @@ fn serve(
             match e {
                 server::ServeError::UnknownNode(_) => ExitCode::from(EXIT_INVALID),
                 server::ServeError::Store(storage::StoreError::WrongNode { .. }) => {
+                    ExitCode::from(EXIT_INVALID)
+                }
+                // The data directory holds what the topology does not allow here.
+                server::ServeError::Residency(audit::StartRefused::Disallowed { .. }) => {
                     ExitCode::from(EXIT_INVALID)
                 }
                 _ => ExitCode::from(EXIT_RUNTIME),
@@ -233,6 +286,160 @@ fn dump(data_dir: &std::path::Path, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `meridian residency audit`: 0 clean, 1 violations found, 2 the audit could not be made.
+fn residency_audit(
+    topology_path: &std::path::Path,
+    data_dir: &std::path::Path,
+    node: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let topology = match load_topology(topology_path) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let report = match audit::audit_dir(data_dir, &topology, node) {
+        Ok(r) => r,
+        Err(e) => {
+            // Also a failure while reading is exit 2: exit 1 means "violations found".
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    if json {
+        let mut doc = match serde_json::to_value(&report) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("error: cannot render JSON: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+        };
+        if let Some(map) = doc.as_object_mut() {
+            map.insert(
+                "topology".into(),
+                topology_path.display().to_string().into(),
+            );
+            map.insert("data_dir".into(), data_dir.display().to_string().into());
+            map.insert("clean".into(), report.is_clean().into());
+        }
+        match serde_json::to_string_pretty(&doc) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: cannot render JSON: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+        }
+    } else {
+        print!(
+            "{}",
+            audit_text(&report, topology_path, data_dir, &topology)
+        );
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_RUNTIME)
+    }
+}
+
+fn audit_text(
+    report: &audit::AuditReport,
+    topology_path: &std::path::Path,
+    data_dir: &std::path::Path,
+    topology: &Topology,
+) -> String {
+    use std::fmt::Write as _;
+    let rules = topology.residency.rules().len();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "data directory {} belongs to node {} in region {}; residency policy: {} ({} {})",
+        data_dir.display(),
+        report.node,
+        report.region,
+        topology_path.display(),
+        rules,
+        if rules == 1 { "rule" } else { "rules" }
+    );
+    let scanned = format!("scanned {}", report.scanned);
+    if report.is_clean() {
+        let _ = writeln!(
+            out,
+            "no record, log entry or kept-aside change outside its allowed regions ({scanned})"
+        );
+    } else {
+        let width = report
+            .violations
+            .iter()
+            .map(|v| v.key.chars().count())
+            .max()
+            .unwrap_or(3)
+            .clamp(3, 64);
+        let what: Vec<String> = report
+            .violations
+            .iter()
+            .map(|v| v.what.to_string())
+            .collect();
+        let what_width = what.iter().map(String::len).max().unwrap_or(4).max(4);
+        let rule_width = report
+            .violations
+            .iter()
+            .map(|v| v.rule.as_deref().map_or(1, str::len))
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<what_width$}  {:<rule_width$}  HOME",
+            "KEY", "WHAT", "RULE"
+        );
+        for (v, what) in report.violations.iter().zip(&what) {
+            let _ = writeln!(
+                out,
+                "{:<width$}  {what:<what_width$}  {:<rule_width$}  {}",
+                v.key,
+                v.rule.as_deref().unwrap_or("-"),
+                v.home_region.as_deref().unwrap_or("-"),
+            );
+        }
+        if report.truncated {
+            let _ = writeln!(
+                out,
+                "(only the first {} are listed; the counts below are complete)",
+                report.violations.len()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{} {} held outside their allowed regions: {} ({scanned})",
+            report.total.total(),
+            if report.total.total() == 1 {
+                "row"
+            } else {
+                "rows"
+            },
+            report.total
+        );
+    }
+    if rules == 0 {
+        let _ = writeln!(
+            out,
+            "the policy has no residency rules: every record is global"
+        );
+    } else if report.rules.is_empty() {
+        let _ = writeln!(out, "every residency rule allows region {}", report.region);
+    } else {
+        let _ = writeln!(
+            out,
+            "per rule that does not allow region {}:",
+            report.region
+        );
+        for rule in &report.rules {
+            let _ = writeln!(out, "  {rule}");
+        }
+    }
+    out
 }
 
 fn certs(topology_path: &std::path::Path, out: &std::path::Path) -> ExitCode {

@@ -33,6 +33,8 @@ pub enum ServeError {
     Http(std::io::Error),
     #[error("replication cannot start: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Residency(#[from] crate::audit::StartRefused),
 }
 
 /// Where a node keeps its data when `--data-dir` is not given: `data/<node>` beside the
@@ -44,6 +46,9 @@ pub fn default_data_dir(topology: &Topology, node_id: &str) -> PathBuf {
 #[derive(Default)]
 pub struct NodeOptions {
     pub engine: EngineConfig,
+    /// Delete at start what the residency policy does not allow in this node's region,
+    /// instead of refusing to start (`meridian serve --purge-disallowed`).
+    pub purge_disallowed: bool,
 }
 
 /// Open the data directory and start the engine (and its writer thread).
@@ -57,6 +62,7 @@ pub fn open(
         return Err(ServeError::UnknownNode(node_id.to_string()));
     }
     let (store, identity) = Store::open(data_dir, node_id)?;
+    crate::audit::enforce_at_start(&store, &topology, node_id, options.purge_disallowed)?;
     let clock = NodeClock::new(node_id, topology.clock.max_drift_ms, identity.last_hlc)?;
     Engine::start(topology, node_id, store, clock, &identity, options.engine)
         .map_err(ServeError::Engine)

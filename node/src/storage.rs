@@ -34,6 +34,8 @@ pub(crate) const PENDING: TableDefinition<(&str, &str, u64), &[u8]> =
 const META_NODE_ID: &str = "node_id";
 const META_INCARNATION: &str = "incarnation";
 const META_FORMAT: &str = "format";
+/// The newest own HLC stamp known at the last open (see `Store::open`).
+const META_HLC_FLOOR: &str = "hlc_floor";
 const FORMAT_VERSION: u32 = 1;
 
 pub const DB_FILE: &str = "meridian.redb";
@@ -410,8 +412,24 @@ impl Store {
                 .transpose()
                 .map_err(dberr)?
                 .map_or(0, |(k, _)| k.value().1);
+            // A purge (residency policy change) may delete the newest own entries; the floor
+            // recorded at every open keeps the clock from going back after one.
+            drop(changes);
+            let recorded = match meta.get(META_HLC_FLOOR).map_err(dberr)? {
+                Some(g) => {
+                    let bytes: [u8; 8] = g
+                        .value()
+                        .try_into()
+                        .map_err(|_| corrupt("meta hlc_floor", "expected 8 bytes"))?;
+                    u64::from_be_bytes(bytes)
+                }
+                None => 0,
+            };
+            let floor = last_time.max(recorded);
+            meta.insert(META_HLC_FLOOR, &floor.to_be_bytes()[..])
+                .map_err(dberr)?;
             let last_hlc = Version {
-                time_ntp64: last_time,
+                time_ntp64: floor,
                 node_hlc_id: 0,
             };
             Identity {

@@ -30,27 +30,37 @@
 //!
 //! # Glob syntax
 //!
-//! Globs are compiled with [`globset`] using `literal_separator(false)`,
-//! `backslash_escape(true)` and case-sensitive matching:
+//! Globs are matched against the key's Unicode characters (never its bytes),
+//! case-sensitively, without Unicode normalisation (a precomposed `é` is one
+//! character, `e` followed by a combining accent two), identically on every
+//! platform:
 //!
 //! - `*` matches any sequence of characters, **including `/`**. So
 //!   `users/eu/*` pins `users/eu/42` and also `users/eu/42/avatar`. Keys are
 //!   not file paths; for a residency rule, pinning more keys than intended is
 //!   the safe mistake and pinning fewer is the dangerous one.
-//! - `**` also matches any sequence. As a whole path component it may match
-//!   zero components: `a/**/b` matches `a/b` as well as `a/x/y/b`.
-//! - `?` matches exactly one **byte**, and `[...]` / `[!...]` classes match one
-//!   byte from (or outside) an ASCII set. globset matches bytes, not characters,
-//!   so `?` does not match a non-ASCII character such as `é` (two bytes in
-//!   UTF-8): use `*` where keys may contain non-ASCII text. Classes containing
-//!   non-ASCII characters are rejected, because globset would silently turn
-//!   them into byte sets that match fragments of characters.
-//! - `{a,b}` matches either alternative.
+//! - `**` also matches any sequence. As a whole path component followed by
+//!   `/` it may match zero components: `a/**/b` matches `a/b` as well as
+//!   `a/x/y/b`, and `**/b` matches `b`.
+//! - `?` matches exactly one character, ASCII or not: `users/?/x` matches
+//!   `users/é/x`.
+//! - `[abc]`, `[a-z]` match one character of the set; `[!...]` and `[^...]`
+//!   one character outside it. Members may be any Unicode characters
+//!   (`[àé]`, `[α-ω]`). A `]` right after `[`, `[!` or `[^` is a member
+//!   (`[]x]`), a `-` first or last is a literal, and `\` escapes inside a
+//!   class too (`[\]\-]`).
+//! - `{a,b}` matches either alternative; alternatives may be empty (`x{,s}`
+//!   matches `x` and `xs`) and groups may nest.
 //! - `\` escapes the next character (`\*` matches a literal `*`).
 //!
-//! Matching is done on the key's bytes. On Unix they are matched as they are;
-//! globset on other platforms treats `\` in a key as `/`. Meridian nodes are
-//! expected to run on Unix so that every node agrees on placement.
+//! A glob is validated when the policy is built: an unclosed `[` or `{`, an
+//! empty class (`[]`), a reversed range (`[z-a]`), a trailing `\`, a stray
+//! `}`, an empty glob, or one that only matches the empty key are errors.
+//! Groups and `**/` are expanded at parse time (at most 256 alternatives,
+//! groups nested at most 8 deep, globs at most 4096 bytes, 16,384 tokens
+//! over all alternatives), and each
+//! alternative is matched by a two-pointer algorithm that backtracks only to
+//! the last `*`: time linear in the key for each token, never exponential.
 //!
 //! # Validation
 //!
@@ -62,7 +72,6 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use globset::{Candidate, GlobBuilder, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
 /// What a region that may not hold a pinned record does with a request for it.
@@ -119,7 +128,7 @@ pub struct Rule {
     home: String,
     replicas: Vec<String>,
     foreign: Foreign,
-    matcher: GlobMatcher,
+    matcher: glob::Glob,
 }
 
 impl Rule {
@@ -156,7 +165,7 @@ impl Rule {
     /// Whether the rule's glob matches `key`. This ignores rule order: use
     /// [`Policy::placement`] to decide where a key lives.
     pub fn matches(&self, key: &str) -> bool {
-        self.matches_candidate(&Candidate::from_bytes(key.as_bytes()))
+        self.matcher.is_match(key)
     }
 
     /// Whether `region` may hold records placed by this rule.
@@ -173,10 +182,6 @@ impl Rule {
             replicas: self.replicas.clone(),
             foreign: self.foreign,
         }
-    }
-
-    fn matches_candidate(&self, candidate: &Candidate<'_>) -> bool {
-        self.matcher.is_match_candidate(candidate)
     }
 }
 
@@ -326,16 +331,18 @@ pub enum PolicyProblem {
     ///
     /// Deciding glob inclusion in general is expensive, so this is a sound
     /// approximation: it is reported only when inclusion is certain, and some
-    /// shadowed rules go unreported. Rule `index` is reported as shadowed by
-    /// earlier rule `by` when
-    /// - both globs are the same text, or
-    /// - the earlier glob is a literal `PREFIX` followed only by `*`s (this
-    ///   covers `*` and `**`), and the literal text of the later glob before
-    ///   its first special character (`*?[]{}\`) starts with `PREFIX`.
+    /// shadowed rules go unreported. Each glob is expanded into its
+    /// alternatives (`{a,b}` groups, and `**/` as "nothing" or `*/`); rule
+    /// `index` is reported as shadowed by earlier rule `by` when every
+    /// alternative of the later glob is
+    /// - identical to an alternative of the earlier glob (so identical globs,
+    ///   `a/{b,c}` after `a/{c,b}`, or `a\b` after `ab`), or
+    /// - starts with the literal characters `PREFIX` of an earlier
+    ///   alternative that is exactly `PREFIX*` (this covers `*` and `**`).
     ///
-    /// The second case is sound because every key the later glob matches
-    /// starts with that literal text, and `PREFIX*` matches every key that
-    /// starts with `PREFIX` (`*` crosses `/`).
+    /// The second case is sound because every key that alternative matches
+    /// starts with `PREFIX`, and `PREFIX*` matches every key that starts with
+    /// `PREFIX` (`*` crosses `/`).
     #[error("{}: {}", self.path(), self.message())]
     Shadowed {
         index: usize,
@@ -447,7 +454,7 @@ impl Policy {
         let mut first_by_name: HashMap<&str, usize> = HashMap::new();
         // Only valid globs take part in shadow detection: a broken glob is
         // already reported and says nothing about which keys it would match.
-        let mut valid_globs: Vec<(usize, &str, &str)> = Vec::new();
+        let mut valid_globs: Vec<(usize, &str, &str, glob::Glob)> = Vec::new();
 
         for (index, spec) in rules.iter().enumerate() {
             let name = || spec.name.clone();
@@ -467,11 +474,11 @@ impl Policy {
                 first_by_name.insert(&spec.name, index);
             }
 
-            let matcher = match compile_glob(&spec.keys) {
+            let matcher = match glob::Glob::parse(&spec.keys) {
                 Ok(matcher) => {
-                    if let Some(&(by, by_name, by_keys)) = valid_globs
+                    if let Some(&(by, by_name, by_keys, _)) = valid_globs
                         .iter()
-                        .find(|(_, _, earlier)| shadows(earlier, &spec.keys))
+                        .find(|(_, _, _, earlier)| earlier.covers(&matcher))
                     {
                         problems.push(PolicyProblem::Shadowed {
                             index,
@@ -481,7 +488,7 @@ impl Policy {
                             by_keys: by_keys.to_owned(),
                         });
                     }
-                    valid_globs.push((index, &spec.name, &spec.keys));
+                    valid_globs.push((index, &spec.name, &spec.keys, matcher.clone()));
                     Some(matcher)
                 }
                 Err(reason) => {
@@ -489,7 +496,7 @@ impl Policy {
                         index,
                         name: name(),
                         glob: spec.keys.clone(),
-                        reason,
+                        reason: reason.to_string(),
                     });
                     None
                 }
@@ -559,12 +566,7 @@ impl Policy {
 
     /// Where `key` lives: decided by the first matching rule, global if none.
     pub fn placement(&self, key: &str) -> Placement<'_> {
-        let candidate = Candidate::from_bytes(key.as_bytes());
-        match self
-            .rules
-            .iter()
-            .find(|rule| rule.matches_candidate(&candidate))
-        {
+        match self.rules.iter().find(|rule| rule.matches(key)) {
             Some(rule) => Placement::Pinned {
                 rule,
                 home: &rule.home,
@@ -584,72 +586,411 @@ impl Policy {
     }
 }
 
-fn compile_glob(glob: &str) -> Result<GlobMatcher, String> {
-    if glob.is_empty() {
-        return Err("an empty glob matches no key".to_owned());
-    }
-    if let Some(c) = non_ascii_in_class(glob) {
-        return Err(format!(
-            "character class contains the non-ASCII character {c:?}; classes match single \
-             bytes, so use `*` or alternatives `{{..,..}}` instead"
-        ));
-    }
-    GlobBuilder::new(glob)
-        .literal_separator(false)
-        // Explicit so that escaping does not depend on the platform default.
-        .backslash_escape(true)
-        .case_insensitive(false)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|e| e.kind().to_string())
-}
+/// The glob language of residency rules (see the crate docs), matched over
+/// Unicode characters.
+///
+/// A glob is parsed once into a small set of *alternatives*: `{a,b}` groups
+/// and `**/` (zero or more path components) are expanded at parse time, so
+/// each alternative is a flat sequence of literals, `?`, classes and `*`.
+/// Matching one alternative is the classic two-pointer wildcard algorithm
+/// that backtracks only to the most recent `*`: O(tokens × key length) time,
+/// no recursion, no allocation.
+mod glob {
+    /// Longest accepted glob text, in bytes. Keys are at most 512 bytes; a
+    /// longer glob is almost certainly a mistake.
+    pub(crate) const MAX_GLOB_BYTES: usize = 4096;
+    /// Most alternatives a glob may expand to (`{..}` groups multiply, each
+    /// `**/` doubles).
+    pub(crate) const MAX_ALTERNATIVES: usize = 256;
+    /// Deepest nesting of `{..}` groups.
+    pub(crate) const MAX_NESTING: usize = 8;
+    /// Most tokens all alternatives together may hold: matching a key costs
+    /// at most this many steps per key character.
+    pub(crate) const MAX_EXPANDED_TOKENS: usize = 16_384;
 
-/// Finds a non-ASCII character inside a `[...]` class, following globset's
-/// class syntax (no escapes inside a class; `]` right after `[`, `[!` or `[^`
-/// is a member, not the end).
-fn non_ascii_in_class(glob: &str) -> Option<char> {
-    let mut chars = glob.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                chars.next();
-            }
-            '[' => {
-                if matches!(chars.peek(), Some('!' | '^')) {
-                    chars.next();
+    /// One element of a flat alternative.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub(crate) enum Token {
+        /// Exactly this character.
+        Lit(char),
+        /// `?`: exactly one character.
+        One,
+        /// `*`: any sequence of characters, `/` included.
+        Star,
+        /// `[...]`: one character in (or, negated, outside) the ranges.
+        Class {
+            negated: bool,
+            ranges: Vec<(char, char)>,
+        },
+    }
+
+    impl Token {
+        /// Whether this single-character token matches `c` (`Star` never
+        /// reaches here).
+        fn matches_char(&self, c: char) -> bool {
+            match self {
+                Token::Lit(l) => *l == c,
+                Token::One => true,
+                Token::Star => false,
+                Token::Class { negated, ranges } => {
+                    ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
                 }
-                let mut first = true;
-                for c in chars.by_ref() {
-                    if c == ']' && !first {
-                        break;
-                    }
-                    if !c.is_ascii() {
-                        return Some(c);
-                    }
-                    first = false;
-                }
             }
-            _ => {}
         }
     }
-    None
-}
 
-/// Characters that are not literal somewhere in globset's syntax.
-const SPECIAL: &[char] = &['*', '?', '[', ']', '{', '}', '\\'];
+    /// Why a glob text is not a valid glob. Positions are 1-based character
+    /// offsets into the glob.
+    #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+    pub(crate) enum GlobError {
+        #[error("an empty glob matches no key")]
+        Empty,
+        #[error("the glob is {len} bytes long; at most {MAX_GLOB_BYTES} are allowed")]
+        TooLong { len: usize },
+        #[error("unclosed character class: the `[` at character {at} has no closing `]`")]
+        UnclosedClass { at: usize },
+        #[error(
+            "empty character class at character {at}: a class needs at least one member \
+             (a `]` right after `[` or `[!` is a member, not the end); write `\\[` for a literal `[`"
+        )]
+        EmptyClass { at: usize },
+        #[error(
+            "reversed range {lo:?}-{hi:?} in the character class at character {at}: \
+             a range goes from the lower character to the higher"
+        )]
+        ReversedRange { at: usize, lo: char, hi: char },
+        #[error(
+            "trailing backslash: `\\` at character {at} escapes nothing; write `\\\\` for a literal backslash"
+        )]
+        DanglingEscape { at: usize },
+        #[error("unclosed group: the `{{` at character {at} has no closing `}}`")]
+        UnclosedGroup { at: usize },
+        #[error("the `}}` at character {at} closes no group; write `\\}}` for a literal `}}`")]
+        UnopenedGroup { at: usize },
+        #[error("`{{..}}` groups are nested more than {MAX_NESTING} deep (at character {at})")]
+        TooDeep { at: usize },
+        #[error(
+            "the glob expands to more than {MAX_ALTERNATIVES} alternatives \
+             (`{{..}}` groups multiply, each `**/` doubles)"
+        )]
+        TooManyAlternatives,
+        #[error(
+            "the glob expands to {tokens} elements (its alternatives together); at most \
+             {MAX_EXPANDED_TOKENS} are allowed"
+        )]
+        TooLarge { tokens: usize },
+        #[error("the glob matches only the empty key, and keys are never empty")]
+        OnlyEmpty,
+    }
 
-/// Whether every key matched by `later` is certainly matched by `earlier`
-/// (see [`PolicyProblem::Shadowed`]).
-fn shadows(earlier: &str, later: &str) -> bool {
-    if earlier == later {
-        return true;
+    /// A parsed glob: the union of its alternatives.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub(crate) struct Glob {
+        alternatives: Vec<Vec<Token>>,
     }
-    let prefix = earlier.trim_end_matches('*');
-    if prefix.len() == earlier.len() || prefix.contains(SPECIAL) {
-        return false;
+
+    /// A node of the parse tree, before `{..}` and `**/` are expanded.
+    #[derive(Debug)]
+    enum Node {
+        Tok(Token),
+        /// `{a,b,..}`.
+        Group(Vec<Vec<Node>>),
+        /// `**/` at the start of a sequence or after a `/`: nothing, or `*/`.
+        AnyDirs,
     }
-    let literal = later.split(SPECIAL).next().unwrap_or("");
-    literal.starts_with(prefix)
+
+    impl Glob {
+        /// Parses and validates `text`.
+        pub(crate) fn parse(text: &str) -> Result<Glob, GlobError> {
+            if text.is_empty() {
+                return Err(GlobError::Empty);
+            }
+            if text.len() > MAX_GLOB_BYTES {
+                return Err(GlobError::TooLong { len: text.len() });
+            }
+            let chars: Vec<char> = text.chars().collect();
+            let mut parser = Parser { chars, at: 0 };
+            let nodes = parser.sequence(0)?;
+            // A `,` or `}` left over at the top level: only `}` stops the
+            // top-level sequence (`,` is a literal there).
+            if parser.at < parser.chars.len() {
+                return Err(GlobError::UnopenedGroup { at: parser.at + 1 });
+            }
+            let alternatives = expand(&nodes)?;
+            let tokens = alternatives.iter().map(Vec::len).sum();
+            if tokens > MAX_EXPANDED_TOKENS {
+                return Err(GlobError::TooLarge { tokens });
+            }
+            if alternatives.iter().all(Vec::is_empty) {
+                return Err(GlobError::OnlyEmpty);
+            }
+            Ok(Glob { alternatives })
+        }
+
+        /// Whether the glob matches `key`.
+        pub(crate) fn is_match(&self, key: &str) -> bool {
+            self.alternatives.iter().any(|alt| match_tokens(alt, key))
+        }
+
+        /// Whether every key `later` matches is certainly matched by `self`
+        /// (a sound approximation, see `PolicyProblem::Shadowed`).
+        pub(crate) fn covers(&self, later: &Glob) -> bool {
+            later
+                .alternatives
+                .iter()
+                .all(|l| self.alternatives.iter().any(|e| alternative_covers(e, l)))
+        }
+    }
+
+    /// `e ⊇ l` when they are equal, or when `e` is literals followed by one
+    /// `*` and `l` starts with the same literals.
+    fn alternative_covers(e: &[Token], l: &[Token]) -> bool {
+        if e == l {
+            return true;
+        }
+        match e.split_last() {
+            Some((Token::Star, prefix)) => {
+                prefix.iter().all(|t| matches!(t, Token::Lit(_)))
+                    && l.len() >= prefix.len()
+                    && prefix.iter().zip(l).all(|(a, b)| a == b)
+            }
+            _ => false,
+        }
+    }
+
+    /// Two-pointer wildcard matching over the characters of `key`; on a
+    /// mismatch, the most recent `*` absorbs one more character and matching
+    /// resumes after it. Earlier stars never need revisiting: whatever the
+    /// later star can absorb covers any other split.
+    fn match_tokens(tokens: &[Token], key: &str) -> bool {
+        let mut t = 0;
+        let mut s = 0;
+        // (token index after the last star, key offset where its match ends)
+        let mut star: Option<(usize, usize)> = None;
+        loop {
+            match tokens.get(t) {
+                Some(Token::Star) => {
+                    t += 1;
+                    star = Some((t, s));
+                    continue;
+                }
+                Some(tok) => {
+                    if let Some(c) = next_char(key, s)
+                        && tok.matches_char(c)
+                    {
+                        t += 1;
+                        s += c.len_utf8();
+                        continue;
+                    }
+                }
+                None if s == key.len() => return true,
+                None => {}
+            }
+            let Some((after_star, absorbed)) = star else {
+                return false;
+            };
+            let Some(c) = next_char(key, absorbed) else {
+                return false;
+            };
+            let absorbed = absorbed + c.len_utf8();
+            star = Some((after_star, absorbed));
+            t = after_star;
+            s = absorbed;
+        }
+    }
+
+    fn next_char(key: &str, at: usize) -> Option<char> {
+        key.get(at..).and_then(|rest| rest.chars().next())
+    }
+
+    struct Parser {
+        chars: Vec<char>,
+        at: usize,
+    }
+
+    impl Parser {
+        fn peek(&self) -> Option<char> {
+            self.chars.get(self.at).copied()
+        }
+
+        /// A sequence up to the end, or (inside a group, `depth > 0`) up to
+        /// an unconsumed `,` or `}`. At the top level it stops at a `}`,
+        /// which the caller reports.
+        fn sequence(&mut self, depth: usize) -> Result<Vec<Node>, GlobError> {
+            let mut nodes: Vec<Node> = Vec::new();
+            while let Some(c) = self.peek() {
+                let at = self.at + 1;
+                match c {
+                    ',' if depth > 0 => break,
+                    '}' => break,
+                    '*' => {
+                        let mut run = 0;
+                        while self.peek() == Some('*') {
+                            self.at += 1;
+                            run += 1;
+                        }
+                        let component_start =
+                            matches!(nodes.last(), None | Some(Node::Tok(Token::Lit('/'))));
+                        if run >= 2 && component_start && self.peek() == Some('/') {
+                            self.at += 1;
+                            nodes.push(Node::AnyDirs);
+                        } else if !matches!(nodes.last(), Some(Node::Tok(Token::Star))) {
+                            nodes.push(Node::Tok(Token::Star));
+                        }
+                    }
+                    '?' => {
+                        self.at += 1;
+                        nodes.push(Node::Tok(Token::One));
+                    }
+                    '[' => {
+                        self.at += 1;
+                        nodes.push(Node::Tok(self.class(at)?));
+                    }
+                    '\\' => {
+                        self.at += 1;
+                        let c = self.escaped(at)?;
+                        nodes.push(Node::Tok(Token::Lit(c)));
+                    }
+                    '{' => {
+                        if depth >= MAX_NESTING {
+                            return Err(GlobError::TooDeep { at });
+                        }
+                        self.at += 1;
+                        let mut branches = Vec::new();
+                        loop {
+                            branches.push(self.sequence(depth + 1)?);
+                            match self.peek() {
+                                Some(',') => self.at += 1,
+                                Some('}') => {
+                                    self.at += 1;
+                                    break;
+                                }
+                                _ => return Err(GlobError::UnclosedGroup { at }),
+                            }
+                        }
+                        nodes.push(Node::Group(branches));
+                    }
+                    c => {
+                        self.at += 1;
+                        nodes.push(Node::Tok(Token::Lit(c)));
+                    }
+                }
+            }
+            Ok(nodes)
+        }
+
+        /// The character after a `\` (at 1-based position `at`).
+        fn escaped(&mut self, at: usize) -> Result<char, GlobError> {
+            let c = self.peek().ok_or(GlobError::DanglingEscape { at })?;
+            self.at += 1;
+            Ok(c)
+        }
+
+        /// A class body after its `[` (at 1-based position `at`).
+        fn class(&mut self, at: usize) -> Result<Token, GlobError> {
+            let negated = matches!(self.peek(), Some('!' | '^'));
+            if negated {
+                self.at += 1;
+            }
+            let mut ranges = Vec::new();
+            // Whether the class so far is just a `]` taken as its first member.
+            let mut only_bracket = false;
+            loop {
+                let Some(c) = self.peek() else {
+                    // `[]` or `[!]` with no later `]`: the operator meant an
+                    // empty class, which cannot match anything.
+                    return Err(if only_bracket {
+                        GlobError::EmptyClass { at }
+                    } else {
+                        GlobError::UnclosedClass { at }
+                    });
+                };
+                if c == ']' && !ranges.is_empty() {
+                    self.at += 1;
+                    break;
+                }
+                only_bracket = ranges.is_empty() && c == ']';
+                let here = self.at + 1;
+                self.at += 1;
+                let lo = if c == '\\' { self.escaped(here)? } else { c };
+                // `a-z` is a range unless the `-` is last (`[a-]`).
+                let is_range = self.peek() == Some('-')
+                    && self.chars.get(self.at + 1).is_some_and(|&n| n != ']');
+                if is_range {
+                    self.at += 1;
+                    let hi_at = self.at + 1;
+                    let raw = self.peek().ok_or(GlobError::UnclosedClass { at })?;
+                    self.at += 1;
+                    let hi = if raw == '\\' {
+                        self.escaped(hi_at)?
+                    } else {
+                        raw
+                    };
+                    if hi < lo {
+                        return Err(GlobError::ReversedRange { at, lo, hi });
+                    }
+                    ranges.push((lo, hi));
+                } else {
+                    ranges.push((lo, lo));
+                }
+            }
+            Ok(Token::Class { negated, ranges })
+        }
+    }
+
+    /// Expands groups and `**/` into flat alternatives, merging adjacent
+    /// stars and dropping duplicates.
+    fn expand(nodes: &[Node]) -> Result<Vec<Vec<Token>>, GlobError> {
+        let mut out: Vec<Vec<Token>> = vec![Vec::new()];
+        for node in nodes {
+            let suffixes: Vec<Vec<Token>> = match node {
+                Node::Tok(tok) => {
+                    for alt in &mut out {
+                        push(alt, tok.clone());
+                    }
+                    continue;
+                }
+                Node::AnyDirs => vec![Vec::new(), vec![Token::Star, Token::Lit('/')]],
+                Node::Group(branches) => {
+                    let mut all = Vec::new();
+                    for branch in branches {
+                        for alt in expand(branch)? {
+                            if !all.contains(&alt) {
+                                all.push(alt);
+                            }
+                        }
+                        if all.len() > MAX_ALTERNATIVES {
+                            return Err(GlobError::TooManyAlternatives);
+                        }
+                    }
+                    all
+                }
+            };
+            if out.len().saturating_mul(suffixes.len()) > MAX_ALTERNATIVES {
+                return Err(GlobError::TooManyAlternatives);
+            }
+            let mut next = Vec::with_capacity(out.len() * suffixes.len());
+            for prefix in &out {
+                for suffix in &suffixes {
+                    let mut alt = prefix.clone();
+                    for tok in suffix {
+                        push(&mut alt, tok.clone());
+                    }
+                    if !next.contains(&alt) {
+                        next.push(alt);
+                    }
+                }
+            }
+            out = next;
+        }
+        Ok(out)
+    }
+
+    fn push(alt: &mut Vec<Token>, tok: Token) {
+        if !(tok == Token::Star && alt.last() == Some(&Token::Star)) {
+            alt.push(tok);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -782,7 +1123,7 @@ mod tests {
         assert_eq!(p.home_region("users/eu/"), Some("eu-west"));
         assert_eq!(p.home_region("users/eu"), None);
         assert_eq!(p.home_region("users/euro/1"), None);
-        // Case-sensitive: keys are opaque bytes.
+        // Case-sensitive: keys are compared as written.
         assert_eq!(p.home_region("USERS/eu/1"), None);
     }
 
@@ -803,8 +1144,10 @@ mod tests {
             Some("eu-west"),
             "? matches a slash too"
         );
-        // Documented limitation: `?` is one byte, `é` is two.
-        assert_eq!(p.home_region("a/é/x"), None);
+        // `?` is one character, also when it takes several bytes in UTF-8.
+        assert_eq!(p.home_region("a/é/x"), Some("eu-west"));
+        assert_eq!(p.home_region("a/日/x"), Some("eu-west"));
+        assert_eq!(p.home_region("a/😀/x"), Some("eu-west"));
         assert_eq!(p.home_region("b/7"), Some("us-east"));
         assert_eq!(p.home_region("b/x"), None);
         assert_eq!(p.home_region("c/x"), Some("us-east"));
@@ -924,7 +1267,7 @@ mod tests {
             spec("unclosed", "a/[b", "eu-west", &[], Foreign::Forward),
             spec("empty", "", "eu-west", &[], Foreign::Forward),
             spec("dangling", "a\\", "eu-west", &[], Foreign::Forward),
-            spec("unicode-class", "a/[é]", "eu-west", &[], Foreign::Forward),
+            spec("unclosed-group", "a/{b,c", "eu-west", &[], Foreign::Forward),
             spec(
                 "backwards-range",
                 "a/[z-a]",
@@ -932,9 +1275,12 @@ mod tests {
                 &[],
                 Foreign::Forward,
             ),
+            spec("empty-class", "a/[]", "eu-west", &[], Foreign::Forward),
+            spec("stray-brace", "a/b}", "eu-west", &[], Foreign::Forward),
+            spec("only-empty", "{}", "eu-west", &[], Foreign::Forward),
         ]);
         let indexes: Vec<usize> = got.iter().map(PolicyProblem::index).collect();
-        assert_eq!(indexes, vec![0, 1, 2, 3, 4], "{got:#?}");
+        assert_eq!(indexes, vec![0, 1, 2, 3, 4, 5, 6, 7], "{got:#?}");
         for p in &got {
             assert!(matches!(p, PolicyProblem::InvalidGlob { .. }), "{p:?}");
             assert!(
@@ -945,15 +1291,183 @@ mod tests {
     }
 
     #[test]
-    fn ascii_classes_are_fine_after_escapes_and_literal_brackets() {
-        policy(vec![
+    fn classes_after_escapes_and_literal_brackets() {
+        let p = policy(vec![
             spec("a", "a/[]x]", "eu-west", &[], Foreign::Forward),
             spec("b", "b/\\[é]", "eu-west", &[], Foreign::Forward),
             spec("c", "c/[!]]é", "eu-west", &[], Foreign::Forward),
             spec("d", "d/[!!]é", "eu-west", &[], Foreign::Forward),
+            spec("e", "e/[\\]\\-]", "eu-west", &[], Foreign::Forward),
+            spec("f", "f/[a-]", "eu-west", &[], Foreign::Forward),
         ]);
-        assert_eq!(non_ascii_in_class("c/[!]é]"), Some('é'));
-        assert_eq!(non_ascii_in_class("c/[^aé]"), Some('é'));
+        assert_eq!(p.home_region("a/]"), Some("eu-west"));
+        assert_eq!(p.home_region("a/x"), Some("eu-west"));
+        assert_eq!(p.home_region("a/y"), None);
+        assert_eq!(p.home_region("b/[é]"), Some("eu-west"));
+        assert_eq!(p.home_region("b/é"), None);
+        assert_eq!(p.home_region("c/xé"), Some("eu-west"));
+        assert_eq!(p.home_region("c/]é"), None);
+        assert_eq!(p.home_region("d/xé"), Some("eu-west"));
+        assert_eq!(p.home_region("d/!é"), None);
+        assert_eq!(p.home_region("e/]"), Some("eu-west"));
+        assert_eq!(p.home_region("e/-"), Some("eu-west"));
+        assert_eq!(p.home_region("e/\\"), None);
+        assert_eq!(p.home_region("f/a"), Some("eu-west"));
+        assert_eq!(p.home_region("f/-"), Some("eu-west"));
+        assert_eq!(p.home_region("f/b"), None);
+    }
+
+    #[test]
+    fn non_ascii_question_marks_classes_and_negation() {
+        let p = policy(vec![
+            spec("q", "users/?/x", "eu-west", &[], Foreign::Forward),
+            spec("set", "set/[àé]", "eu-west", &[], Foreign::Forward),
+            spec("range", "greek/[α-ω]", "us-east", &[], Foreign::Forward),
+            spec("neg", "neg/[!é]", "us-east", &[], Foreign::Forward),
+            spec("caret", "caret/[^a-z]", "us-east", &[], Foreign::Forward),
+            spec("two", "two/??", "ap-south", &[], Foreign::Forward),
+        ]);
+        assert_eq!(p.home_region("users/é/x"), Some("eu-west"));
+        assert_eq!(p.home_region("users/e/x"), Some("eu-west"));
+        assert_eq!(p.home_region("users/éé/x"), None);
+        assert_eq!(p.home_region("users//x"), None);
+        assert_eq!(p.home_region("set/é"), Some("eu-west"));
+        assert_eq!(p.home_region("set/à"), Some("eu-west"));
+        assert_eq!(p.home_region("set/e"), None);
+        assert_eq!(p.home_region("greek/λ"), Some("us-east"));
+        assert_eq!(p.home_region("greek/Λ"), None);
+        assert_eq!(p.home_region("neg/e"), Some("us-east"));
+        assert_eq!(p.home_region("neg/ü"), Some("us-east"));
+        assert_eq!(p.home_region("neg/é"), None);
+        assert_eq!(
+            p.home_region("neg/"),
+            None,
+            "a negated class needs a character"
+        );
+        assert_eq!(p.home_region("caret/É"), Some("us-east"));
+        assert_eq!(p.home_region("caret/e"), None);
+        assert_eq!(p.home_region("two/日本"), Some("ap-south"));
+        assert_eq!(p.home_region("two/日"), None);
+        // A decomposed `é` (e + combining accent) is two characters.
+        assert_eq!(p.home_region("users/e\u{301}/x"), None);
+        assert_eq!(p.home_region("two/e\u{301}"), Some("ap-south"));
+    }
+
+    #[test]
+    fn escapes_are_literal() {
+        let p = policy(vec![
+            spec("star", "a/\\*", "eu-west", &[], Foreign::Forward),
+            spec("q", "b/\\?", "eu-west", &[], Foreign::Forward),
+            spec("brackets", "c/\\[x\\]", "eu-west", &[], Foreign::Forward),
+            spec("braces", "d/\\{x,y\\}", "eu-west", &[], Foreign::Forward),
+            spec("backslash", "e/\\\\", "eu-west", &[], Foreign::Forward),
+            spec("letter", "f/\\é", "eu-west", &[], Foreign::Forward),
+        ]);
+        assert_eq!(p.home_region("a/*"), Some("eu-west"));
+        assert_eq!(p.home_region("a/x"), None);
+        assert_eq!(p.home_region("b/?"), Some("eu-west"));
+        assert_eq!(p.home_region("b/x"), None);
+        assert_eq!(p.home_region("c/[x]"), Some("eu-west"));
+        assert_eq!(p.home_region("c/x"), None);
+        assert_eq!(p.home_region("d/{x,y}"), Some("eu-west"));
+        assert_eq!(p.home_region("d/x"), None);
+        assert_eq!(p.home_region("e/\\"), Some("eu-west"));
+        assert_eq!(p.home_region("f/é"), Some("eu-west"));
+    }
+
+    #[test]
+    fn groups_and_recursive_stars() {
+        let p = policy(vec![
+            spec("empty-alt", "x{,s}/1", "eu-west", &[], Foreign::Forward),
+            spec("nested", "n/{a{1,2},b}", "eu-west", &[], Foreign::Forward),
+            spec("comma", "c,d", "eu-west", &[], Foreign::Forward),
+            spec("prefix", "**/z", "us-east", &[], Foreign::Forward),
+            spec("suffix", "s/**", "us-east", &[], Foreign::Forward),
+            spec("inner-q", "q/**/?", "us-east", &[], Foreign::Forward),
+        ]);
+        assert_eq!(p.home_region("x/1"), Some("eu-west"));
+        assert_eq!(p.home_region("xs/1"), Some("eu-west"));
+        assert_eq!(p.home_region("xy/1"), None);
+        assert_eq!(p.home_region("n/a1"), Some("eu-west"));
+        assert_eq!(p.home_region("n/a2"), Some("eu-west"));
+        assert_eq!(p.home_region("n/b"), Some("eu-west"));
+        assert_eq!(p.home_region("n/a"), None);
+        assert_eq!(p.home_region("c,d"), Some("eu-west"));
+        assert_eq!(p.home_region("z"), Some("us-east"));
+        assert_eq!(p.home_region("/z"), Some("us-east"));
+        assert_eq!(p.home_region("a/b/z"), Some("us-east"));
+        assert_eq!(p.home_region("az"), None);
+        assert_eq!(p.home_region("s/"), Some("us-east"));
+        assert_eq!(p.home_region("s/a/b"), Some("us-east"));
+        assert_eq!(p.home_region("s"), None);
+        assert_eq!(p.home_region("q/é"), Some("us-east"));
+        assert_eq!(p.home_region("q/a/é"), Some("us-east"));
+    }
+
+    #[test]
+    fn glob_errors_say_what_and_where() {
+        let reason = |glob: &str| match glob::Glob::parse(glob) {
+            Ok(g) => panic!("{glob:?} parsed as {g:?}"),
+            Err(e) => e.to_string(),
+        };
+        let cases: &[(&str, &str)] = &[
+            ("", "empty glob"),
+            ("a/[bc", "the `[` at character 3 has no closing `]`"),
+            ("a/[", "the `[` at character 3 has no closing `]`"),
+            ("a/[]", "empty character class at character 3"),
+            ("a/[!]", "empty character class at character 3"),
+            ("a/[^]", "empty character class at character 3"),
+            ("ab\\", "trailing backslash: `\\` at character 3"),
+            ("a/[b\\", "trailing backslash"),
+            (
+                "a/[z-a]",
+                "reversed range 'z'-'a' in the character class at character 3",
+            ),
+            ("a/[é-a]", "reversed range 'é'-'a'"),
+            ("a/{b,c", "the `{` at character 3 has no closing `}`"),
+            ("a/b}", "the `}` at character 4 closes no group"),
+            ("{,}", "only the empty key"),
+            (
+                "{{{{{{{{{a}}}}}}}}}",
+                "nested more than 8 deep (at character 9)",
+            ),
+            (
+                "{a,b}{a,b}{a,b}{a,b}{a,b}{a,b}{a,b}{a,b}{a,b}",
+                "more than 256 alternatives",
+            ),
+        ];
+        for (glob, expected) in cases {
+            let got = reason(glob);
+            assert!(got.contains(expected), "{glob:?}: {got}");
+        }
+        let wide = format!("{}{}", "{a,b}".repeat(8), "x".repeat(100));
+        assert!(reason(&wide).contains("at most 16384 are allowed"));
+        let long = "a".repeat(glob::MAX_GLOB_BYTES + 1);
+        assert!(reason(&long).contains("at most 4096"));
+        // Eight levels are fine, as are 256 alternatives.
+        assert!(glob::Glob::parse("{{{{{{{{a}}}}}}}}").is_ok());
+        assert!(glob::Glob::parse("{a,b}{a,b}{a,b}{a,b}{a,b}{a,b}{a,b}{a,b}").is_ok());
+        let invalid = problems(vec![spec("r", "a/[]", "eu-west", &[], Foreign::Forward)]);
+        assert_eq!(
+            invalid[0].to_string(),
+            "residency[0].keys: invalid glob \"a/[]\": empty character class at character 3: \
+             a class needs at least one member (a `]` right after `[` or `[!` is a member, \
+             not the end); write `\\[` for a literal `[`"
+        );
+    }
+
+    #[test]
+    fn matching_is_not_exponential() {
+        // A backtracking matcher would try ~C(512, 20) splits here.
+        let glob = format!("{}b", "*a".repeat(20));
+        let g = glob::Glob::parse(&glob).unwrap();
+        let key = "a".repeat(512);
+        assert!(!g.is_match(&key));
+        let key = format!("{}b", "a".repeat(511));
+        assert!(g.is_match(&key));
+        let g = glob::Glob::parse(&"*?".repeat(100)).unwrap();
+        assert!(!g.is_match(&"é".repeat(99)));
+        assert!(g.is_match(&"é".repeat(100)));
     }
 
     #[test]
@@ -1157,6 +1671,8 @@ mod tests {
         ) {
             let earlier = format!("{prefix}{}", "*".repeat(stars));
             let later = format!("{prefix}{extension}{rest}");
+            // An empty glob is invalid, and only valid globs are compared.
+            prop_assume!(!later.is_empty());
             prop_assert!(shadows(&earlier, &later));
             assert_included(&earlier, &later)?;
         }
@@ -1173,15 +1689,21 @@ mod tests {
         }
     }
 
+    fn shadows(earlier: &str, later: &str) -> bool {
+        match (glob::Glob::parse(earlier), glob::Glob::parse(later)) {
+            (Ok(e), Ok(l)) => e.covers(&l),
+            _ => false,
+        }
+    }
+
     fn assert_included(earlier: &str, later: &str) -> Result<(), TestCaseError> {
-        let (Ok(e), Ok(l)) = (compile_glob(earlier), compile_glob(later)) else {
+        let (Ok(e), Ok(l)) = (glob::Glob::parse(earlier), glob::Glob::parse(later)) else {
             return Ok(());
         };
         for k in all_keys(5) {
-            let candidate = Candidate::from_bytes(k.as_bytes());
-            if l.is_match_candidate(&candidate) {
+            if l.is_match(&k) {
                 prop_assert!(
-                    e.is_match_candidate(&candidate),
+                    e.is_match(&k),
                     "{:?} matches {:?} but {:?} does not",
                     later,
                     k,
@@ -1201,5 +1723,217 @@ mod tests {
         assert!(!shadows("ab", "ab*"));
         assert!(!shadows("a?*", "ab"));
         assert!(!shadows("ab*", "a*"));
+    }
+
+    /// One element of a generated glob, matched by [`reference_match`]
+    /// independently of the parser.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Piece {
+        Lit(char),
+        One,
+        Star,
+        Class {
+            negated: bool,
+            caret: bool,
+            members: Vec<(char, char)>,
+        },
+    }
+
+    /// Characters for literals, class members and keys: ASCII, two-, three-
+    /// and four-byte UTF-8, and characters that are special in globs.
+    const ALPHABET: &[char] = &[
+        'a', 'b', '/', 'é', 'ß', '日', '😀', '*', '?', '-', ']', '{', ',',
+    ];
+
+    fn glob_char() -> impl Strategy<Value = char> {
+        proptest::sample::select(ALPHABET)
+    }
+
+    fn piece() -> impl Strategy<Value = Piece> {
+        let member =
+            (glob_char(), glob_char()).prop_map(|(a, b)| if a <= b { (a, b) } else { (b, a) });
+        let single = glob_char().prop_map(|c| (c, c));
+        prop_oneof![
+            4 => glob_char().prop_map(Piece::Lit),
+            2 => Just(Piece::One),
+            3 => Just(Piece::Star),
+            2 => (
+                any::<bool>(),
+                any::<bool>(),
+                proptest::collection::vec(prop_oneof![single, member], 1..4),
+            )
+                .prop_map(|(negated, caret, members)| Piece::Class { negated, caret, members }),
+        ]
+    }
+
+    /// Pieces without adjacent stars: `**/` has its own component meaning,
+    /// which [`reference_match`] does not model.
+    fn pieces() -> impl Strategy<Value = Vec<Piece>> {
+        proptest::collection::vec(piece(), 1..7).prop_map(normalize)
+    }
+
+    fn normalize(pieces: Vec<Piece>) -> Vec<Piece> {
+        let mut out: Vec<Piece> = Vec::new();
+        for p in pieces {
+            if !(p == Piece::Star && out.last() == Some(&Piece::Star)) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    fn render(pieces: &[Piece]) -> String {
+        // Escaped when special; plain letters sometimes escaped too, to test
+        // that an escaped ordinary character is itself.
+        fn lit(out: &mut String, c: char, special: &str) {
+            if special.contains(c) || c == 'b' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        let mut out = String::new();
+        for p in pieces {
+            match p {
+                Piece::Lit(c) => lit(&mut out, *c, "*?[]{},\\"),
+                Piece::One => out.push('?'),
+                Piece::Star => out.push('*'),
+                Piece::Class {
+                    negated,
+                    caret,
+                    members,
+                } => {
+                    out.push('[');
+                    if *negated {
+                        out.push(if *caret { '^' } else { '!' });
+                    }
+                    for (i, &(lo, hi)) in members.iter().enumerate() {
+                        // `!`/`^` first would negate, `]` closes, `-` makes ranges.
+                        let special = if i == 0 { "]-\\!^" } else { "]-\\" };
+                        lit(&mut out, lo, special);
+                        if hi != lo {
+                            out.push('-');
+                            lit(&mut out, hi, "]-\\");
+                        }
+                    }
+                    out.push(']');
+                }
+            }
+        }
+        out
+    }
+
+    /// The obvious exponential matcher: `*` tries every split.
+    fn reference_match(pieces: &[Piece], key: &[char]) -> bool {
+        let Some((first, rest)) = pieces.split_first() else {
+            return key.is_empty();
+        };
+        if *first == Piece::Star {
+            return (0..=key.len()).any(|i| reference_match(rest, &key[i..]));
+        }
+        let Some((&c, key_rest)) = key.split_first() else {
+            return false;
+        };
+        let ok = match first {
+            Piece::Lit(l) => *l == c,
+            Piece::One => true,
+            Piece::Star => unreachable!(),
+            Piece::Class {
+                negated, members, ..
+            } => members.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated,
+        };
+        ok && reference_match(rest, key_rest)
+    }
+
+    fn key_chars() -> impl Strategy<Value = Vec<char>> {
+        proptest::collection::vec(glob_char(), 0..8)
+    }
+
+    proptest! {
+        #[test]
+        fn matcher_agrees_with_the_reference(
+            pieces in pieces(),
+            keys in proptest::collection::vec(key_chars(), 1..16),
+        ) {
+            let text = render(&pieces);
+            let glob = glob::Glob::parse(&text)
+                .map_err(|e| TestCaseError::fail(format!("{text:?}: {e}")))?;
+            for key in &keys {
+                let key_text: String = key.iter().collect();
+                prop_assert_eq!(
+                    glob.is_match(&key_text),
+                    reference_match(&pieces, key),
+                    "glob {:?} key {:?}", text, key_text
+                );
+            }
+        }
+
+        /// Keys that the glob matches are built from the pieces, so that the
+        /// positive case is exercised as often as the negative one.
+        #[test]
+        fn matcher_accepts_keys_built_from_the_glob(
+            pieces in pieces(),
+            fill in proptest::collection::vec(key_chars(), 7),
+        ) {
+            let text = render(&pieces);
+            let glob = glob::Glob::parse(&text)
+                .map_err(|e| TestCaseError::fail(format!("{text:?}: {e}")))?;
+            let mut key = Vec::new();
+            for (p, fill) in pieces.iter().zip(&fill) {
+                match p {
+                    Piece::Lit(c) => key.push(*c),
+                    Piece::One => key.push(fill.first().copied().unwrap_or('x')),
+                    Piece::Star => key.extend(fill),
+                    Piece::Class { negated: false, members, .. } => key.push(members[0].0),
+                    Piece::Class { negated: true, members, .. } => {
+                        let outside = ['x', 'ü', '🦀', '\u{10FFFF}']
+                            .into_iter()
+                            .find(|c| !members.iter().any(|&(lo, hi)| lo <= *c && *c <= hi));
+                        key.push(outside.unwrap_or('x'));
+                    }
+                }
+            }
+            let key_text: String = key.iter().collect();
+            prop_assert_eq!(glob.is_match(&key_text), reference_match(&pieces, &key));
+        }
+
+        /// `P{A,B}S` matches exactly what `PAS` or `PBS` matches.
+        #[test]
+        fn groups_are_unions(
+            p in pieces(),
+            a in pieces(),
+            b in pieces(),
+            s in pieces(),
+            keys in proptest::collection::vec(key_chars(), 1..16),
+        ) {
+            let text = format!("{}{{{},{}}}{}", render(&p), render(&a), render(&b), render(&s));
+            let glob = glob::Glob::parse(&text)
+                .map_err(|e| TestCaseError::fail(format!("{text:?}: {e}")))?;
+            let joined = |mid: &[Piece]| normalize([&p[..], mid, &s[..]].concat());
+            let (pas, pbs) = (joined(&a), joined(&b));
+            for key in &keys {
+                let key_text: String = key.iter().collect();
+                prop_assert_eq!(
+                    glob.is_match(&key_text),
+                    reference_match(&pas, key) || reference_match(&pbs, key),
+                    "glob {:?} key {:?}", text, key_text
+                );
+            }
+        }
+
+        /// Any text either parses or is refused with a reason; nothing panics.
+        #[test]
+        fn arbitrary_globs_never_panic(
+            text in r"[a*?\[\]{}!^\\,/é日-]{0,16}",
+            keys in proptest::collection::vec(r"[a/é日\]\[*-]{0,10}", 1..8),
+        ) {
+            match glob::Glob::parse(&text) {
+                Ok(glob) => {
+                    for key in &keys {
+                        let _ = glob.is_match(key);
+                    }
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
     }
 }

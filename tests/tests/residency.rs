@@ -193,3 +193,178 @@ async fn a_pinned_change_from_a_misbehaving_sender_is_refused_counted_and_flagge
         .collect();
     assert_eq!(keys, ["global/1"], "{dump}");
 }
+
+/// Rules of both kinds: `users/eu/*` lives in eu-west with a replica in ap-south and is
+/// forwarded from elsewhere; `billing/us/*` lives only in us-east and is refused elsewhere.
+const BOTH_KINDS: &str = "[[residency]]\nname = \"eu-personal\"\nkeys = \"users/eu/*\"\nhome = \"eu-west\"\nreplicas = [\"ap-south\"]\nforeign = \"forward\"\n\
+[[residency]]\nname = \"us-billing\"\nkeys = \"billing/us/*\"\nhome = \"us-east\"\nforeign = \"reject\"\n";
+
+fn audit(cluster: &Cluster, i: usize, topology: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(meridian_tests::meridian_bin())
+        .args(["residency", "audit", "--topology"])
+        .arg(topology)
+        .arg("--data-dir")
+        .arg(cluster.data_dir(i))
+        .output()
+        .expect("audit");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn dumped_keys(cluster: &Cluster, i: usize) -> Vec<String> {
+    let out = std::process::Command::new(meridian_tests::meridian_bin())
+        .args(["dump", "--json", "--data-dir"])
+        .arg(cluster.data_dir(i))
+        .output()
+        .expect("dump");
+    let dump: Value = serde_json::from_slice(&out.stdout).expect("dump json");
+    dump["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["key"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_records_rest_only_in_allowed_regions_through_a_partition_and_heal() {
+    // During the partition the direct eu-west <-> ap-south links are cut, so the only path
+    // between the two regions allowed to hold users/eu/* runs through us-east, which may not.
+    let dead = (
+        meridian_tests::free_udp_port(),
+        meridian_tests::free_udp_port(),
+    );
+    let cut = format!(
+        "[[links]]\nfrom = \"eu-west-1\"\nto = \"ap-south-1\"\nvia = \"127.0.0.1:{}\"\n[[links]]\nfrom = \"ap-south-1\"\nto = \"eu-west-1\"\nvia = \"127.0.0.1:{}\"\n",
+        dead.0, dead.1
+    );
+    let mut cluster = Cluster::new(3, BOTH_KINDS);
+    let healed = cluster.topology.clone();
+    let partitioned = cluster.dir.path().join("partitioned.toml");
+    let text = std::fs::read_to_string(&healed).expect("topology");
+    std::fs::write(&partitioned, format!("{text}{cut}")).expect("write");
+    for i in 0..3 {
+        cluster.start_with(i, &partitioned, &[]);
+    }
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        cluster.wait_ready(i, &client).await;
+    }
+    let urls: Vec<String> = (0..3).map(|i| cluster.url(i, "")).collect();
+    // Writes from every region. users/eu/* from us-east is forwarded; billing/us/* is refused
+    // outside us-east.
+    for (i, base) in urls.iter().enumerate() {
+        for n in 0..5 {
+            let r = client
+                .put(format!("{base}/v1/kv/users/eu/{i}-{n}"))
+                .json(&json!({"n": n, "from": i}))
+                .send()
+                .await
+                .expect("put");
+            assert_eq!(r.status(), 200, "users/eu from region {i}");
+            let r = client
+                .put(format!("{base}/v1/kv/global/{i}-{n}"))
+                .json(&json!({"n": n}))
+                .send()
+                .await
+                .expect("put");
+            assert_eq!(r.status(), 200);
+            let r = client
+                .put(format!("{base}/v1/kv/billing/us/{i}-{n}"))
+                .json(&json!({"n": n}))
+                .send()
+                .await
+                .expect("put");
+            assert_eq!(
+                r.status(),
+                if i == 1 { 200 } else { 421 },
+                "billing/us from region {i}"
+            );
+        }
+        let r = client
+            .post(format!("{base}/v1/kv/users/eu/shared/incr"))
+            .json(&json!({"field": "n"}))
+            .send()
+            .await
+            .expect("incr");
+        assert_eq!(r.status(), 200);
+    }
+    // Global records cross the partition through us-east.
+    let all_global = poll_until(DEADLINE, || {
+        let (c, urls) = (client.clone(), urls.clone());
+        async move {
+            for base in &urls {
+                for i in 0..3 {
+                    if get(&c, base, &format!("global/{i}-4")).await.is_none() {
+                        return false;
+                    }
+                }
+            }
+            true
+        }
+    })
+    .await;
+    assert!(all_global, "global records did not relay through us-east");
+
+    // Heal: restart eu-west and ap-south without the cut links.
+    cluster.stop(0);
+    cluster.stop(2);
+    cluster.start_with(0, &healed, &[]);
+    cluster.start_with(2, &healed, &[]);
+    cluster.wait_ready(0, &client).await;
+    cluster.wait_ready(2, &client).await;
+    // The two allowed regions converge on every pinned record.
+    let mut pinned: Vec<String> = (0..3)
+        .flat_map(|i| (0..5).map(move |n| format!("users/eu/{i}-{n}")))
+        .collect();
+    pinned.push("users/eu/shared".into());
+    let converged = poll_until(DEADLINE, || {
+        let (c, eu, ap, keys) = (
+            client.clone(),
+            urls[0].clone(),
+            urls[2].clone(),
+            pinned.clone(),
+        );
+        async move {
+            for key in &keys {
+                match (get(&c, &eu, key).await, get(&c, &ap, key).await) {
+                    (Some(x), Some(y))
+                        if x["value"] == y["value"] && x["version"] == y["version"] => {}
+                    _ => return false,
+                }
+            }
+            matches!(get(&c, &eu, "users/eu/shared").await, Some(v) if v["value"]["n"] == json!(3))
+        }
+    })
+    .await;
+    assert!(
+        converged,
+        "eu-west and ap-south did not converge on users/eu/*"
+    );
+    // Let the last acknowledgements settle, then scan every data directory offline.
+    for i in 0..3 {
+        cluster.stop(i);
+    }
+    for i in 0..3 {
+        let (code, report) = audit(&cluster, i, &healed);
+        assert_eq!(
+            code, 0,
+            "node {i} holds something the policy forbids:\n{report}"
+        );
+        let keys = dumped_keys(&cluster, i);
+        let has_eu = keys.iter().any(|k| k.starts_with("users/eu/"));
+        let has_billing = keys.iter().any(|k| k.starts_with("billing/us/"));
+        assert_eq!(has_eu, i != 1, "users/eu/* on node {i}: {keys:?}");
+        assert_eq!(has_billing, i == 1, "billing/us/* on node {i}: {keys:?}");
+        assert!(
+            keys.iter().filter(|k| k.starts_with("global/")).count() == 15,
+            "node {i}: {keys:?}"
+        );
+    }
+}
