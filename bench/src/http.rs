@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
 use crate::error::{Context, Result};
 
@@ -19,11 +18,10 @@ pub fn client(max_connections: usize) -> Result<reqwest::Client> {
         .context("building the HTTP client")
 }
 
-/// What a successful write answers; only the presence of `version` is checked.
+/// What a successful write answers; only `version` is read.
 #[derive(Deserialize)]
 struct WriteAck {
-    #[serde(rename = "version")]
-    _version: IgnoredAny,
+    version: String,
 }
 
 /// `PUT url` with a JSON body; Ok only for a 200 whose JSON body has a `version`.
@@ -33,6 +31,15 @@ pub async fn put(
     url: &str,
     body: impl Into<reqwest::Body>,
 ) -> std::result::Result<(), String> {
+    put_version(http, url, body).await.map(drop)
+}
+
+/// Like [`put`], and gives the answer's `version`.
+pub async fn put_version(
+    http: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> std::result::Result<String, String> {
     let resp = http
         .put(url)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -49,11 +56,34 @@ pub async fn put(
         let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
         return Err(format!("PUT {url}: answered {status}: {text}"));
     }
-    serde_json::from_slice::<WriteAck>(&bytes).map_err(|e| {
+    let ack = serde_json::from_slice::<WriteAck>(&bytes).map_err(|e| {
         let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
         format!("PUT {url}: 200 but not a write answer with \"version\" ({e}): {text}")
     })?;
-    Ok(())
+    Ok(ack.version)
+}
+
+/// `GET url` answering 200 with a JSON body.
+pub async fn get_json(
+    http: &reqwest::Client,
+    url: &str,
+) -> std::result::Result<serde_json::Value, String> {
+    let resp = http
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+    let status = resp.status();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| format!("GET {url}: reading the answer: {}", error_chain(&e)))?;
+    if status != reqwest::StatusCode::OK {
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+        return Err(format!("GET {url}: answered {status}: {text}"));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| format!("GET {url}: not JSON: {e}"))
 }
 
 /// reqwest's Display hides the cause ("error sending request"); show the whole chain.
@@ -122,7 +152,8 @@ mod tests {
 
     #[test]
     fn ack_needs_version() {
-        assert!(serde_json::from_slice::<WriteAck>(br#"{"key":"k","version":"x"}"#).is_ok());
+        let ack = serde_json::from_slice::<WriteAck>(br#"{"key":"k","version":"x"}"#).unwrap();
+        assert_eq!(ack.version, "x");
         assert!(serde_json::from_slice::<WriteAck>(br#"{"key":"k"}"#).is_err());
         assert!(serde_json::from_slice::<WriteAck>(b"not json").is_err());
     }

@@ -41,42 +41,90 @@ pub fn locate_binary(explicit: Option<&Path>) -> Result<PathBuf> {
 /// Picks a free UDP port (peer) and a free TCP port (api) on loopback.
 /// The sockets are closed again before the node binds them; the window is small.
 pub fn free_ports() -> Result<(u16, u16)> {
-    let udp = UdpSocket::bind("127.0.0.1:0").context("binding a UDP socket on 127.0.0.1")?;
-    let tcp = TcpListener::bind("127.0.0.1:0").context("binding a TCP socket on 127.0.0.1")?;
-    let peer = udp.local_addr().context("reading the UDP port")?.port();
-    let api = tcp.local_addr().context("reading the TCP port")?.port();
-    Ok((peer, api))
+    let ports = free_port_pairs(1)?;
+    Ok(ports[0])
 }
 
+/// `n` pairs of (UDP peer port, TCP api port) on loopback, all distinct: every socket is held
+/// open until all are picked, then closed before the nodes bind them.
+pub fn free_port_pairs(n: usize) -> Result<Vec<(u16, u16)>> {
+    let mut held = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..n {
+        let udp = UdpSocket::bind("127.0.0.1:0").context("binding a UDP socket on 127.0.0.1")?;
+        let tcp = TcpListener::bind("127.0.0.1:0").context("binding a TCP socket on 127.0.0.1")?;
+        let peer = udp.local_addr().context("reading the UDP port")?.port();
+        let api = tcp.local_addr().context("reading the TCP port")?.port();
+        ports.push((peer, api));
+        held.push((udp, tcp));
+    }
+    drop(held);
+    Ok(ports)
+}
+
+/// One node of a generated bench topology: its own region, loopback ports.
+#[derive(Debug, Clone)]
+pub struct TopologyNode {
+    pub region: String,
+    pub id: String,
+    pub peer_port: u16,
+    pub api_port: u16,
+}
+
+impl TopologyNode {
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+}
+
+/// The one-node topology of the `write` scenario.
 pub fn topology_toml(peer_port: u16, api_port: u16) -> String {
-    format!(
-        r#"cluster = "bench"
+    cluster_toml(&[TopologyNode {
+        region: "bench".into(),
+        id: NODE_ID.into(),
+        peer_port,
+        api_port,
+    }])
+}
 
-[tls]
-ca = "certs/ca.pem"
+/// A topology of cluster `bench`: one region per node, `[tls] ca = "certs/ca.pem"`.
+pub fn cluster_toml(nodes: &[TopologyNode]) -> String {
+    let mut s = String::from(
+        "cluster = \"bench\"\n\n[tls]\nca = \"certs/ca.pem\"\n\n[clock]\nmax_drift_ms = 500\n",
+    );
+    for n in nodes {
+        s.push_str(&format!("\n[[regions]]\nname = \"{}\"\n", n.region));
+    }
+    for n in nodes {
+        s.push_str(&format!(
+            "\n[[nodes]]\nid = \"{}\"\nregion = \"{}\"\npeer = \"127.0.0.1:{}\"\napi = \"127.0.0.1:{}\"\n",
+            n.id, n.region, n.peer_port, n.api_port
+        ));
+    }
+    s
+}
 
-[clock]
-max_drift_ms = 500
-
-[[regions]]
-name = "bench"
-
-[[nodes]]
-id = "{NODE_ID}"
-region = "bench"
-peer = "127.0.0.1:{peer_port}"
-api = "127.0.0.1:{api_port}"
-"#
-    )
+/// How to run one node: `meridian serve --topology … --node … --data-dir …`.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub binary: PathBuf,
+    pub topology_path: PathBuf,
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub api_url: String,
+    pub ready_timeout: Duration,
 }
 
 /// A running `meridian serve`. Dropping it stops the node: SIGTERM, up to 10 s
 /// for it to exit, then SIGKILL.
 pub struct NodeGuard {
     child: Option<Child>,
+    spec: NodeSpec,
     pub log_path: PathBuf,
     pub api_url: String,
     pub topology_path: PathBuf,
+    /// When the current process was spawned.
+    pub spawned_at: Instant,
 }
 
 pub struct NodeConfig<'a> {
@@ -87,8 +135,9 @@ pub struct NodeConfig<'a> {
 }
 
 impl NodeGuard {
-    /// Writes the topology next to the data directory, generates certificates if the
-    /// topology's CA is missing, spawns the node and waits for `GET /readyz` to answer 200.
+    /// The one-node set-up of `write`: writes the topology next to the data directory,
+    /// generates certificates if the topology's CA is missing, spawns the node and waits
+    /// for `GET /readyz` to answer 200.
     pub async fn start(cfg: NodeConfig<'_>, http: &reqwest::Client) -> Result<NodeGuard> {
         let parent = cfg.data_dir.parent().ok_or_else(|| {
             Error::usage(format!(
@@ -114,30 +163,16 @@ impl NodeGuard {
             certs_problem = Some(e.to_string());
         }
 
-        let log = File::create(&cfg.log_path)
-            .with_context(|| format!("creating node log {}", cfg.log_path.display()))?;
-        let log_out = log.try_clone().context("duplicating the node log handle")?;
-        let child = Command::new(cfg.binary)
-            .arg("serve")
-            .arg("--topology")
-            .arg(&topology_path)
-            .arg("--node")
-            .arg(NODE_ID)
-            .arg("--data-dir")
-            .arg(cfg.data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log_out))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("spawning {} serve", cfg.binary.display()))?;
-
-        let mut guard = NodeGuard {
-            child: Some(child),
-            log_path: cfg.log_path,
-            api_url: format!("http://127.0.0.1:{api_port}"),
+        let spec = NodeSpec {
+            binary: cfg.binary.to_path_buf(),
             topology_path,
+            node_id: NODE_ID.into(),
+            data_dir: cfg.data_dir.to_path_buf(),
+            api_url: format!("http://127.0.0.1:{api_port}"),
+            ready_timeout: cfg.ready_timeout,
         };
-        match guard.wait_ready(http, cfg.ready_timeout).await {
+        let mut guard = NodeGuard::spawn(spec, cfg.log_path)?;
+        match guard.wait_ready(http).await {
             Ok(()) => Ok(guard),
             Err(e) => match certs_problem {
                 Some(c) => Err(Error::runtime(format!("{e}\n(also, before that: {c})"))),
@@ -146,13 +181,64 @@ impl NodeGuard {
         }
     }
 
-    async fn wait_ready(&mut self, http: &reqwest::Client, timeout: Duration) -> Result<()> {
+    /// Spawns `meridian serve` with its output in `log_path`; does not wait for readiness.
+    pub fn spawn(spec: NodeSpec, log_path: PathBuf) -> Result<NodeGuard> {
+        fs::create_dir_all(&spec.data_dir)
+            .with_context(|| format!("creating data dir {}", spec.data_dir.display()))?;
+        let mut guard = NodeGuard {
+            child: None,
+            log_path: log_path.clone(),
+            api_url: spec.api_url.clone(),
+            topology_path: spec.topology_path.clone(),
+            spawned_at: Instant::now(),
+            spec,
+        };
+        guard.respawn(log_path)?;
+        Ok(guard)
+    }
+
+    /// Starts the node process again (after `stop`), with its output in `log_path`.
+    pub fn respawn(&mut self, log_path: PathBuf) -> Result<()> {
+        if self.child.is_some() {
+            return Err(Error::runtime(format!(
+                "node {} is still running; stop it before starting it again",
+                self.spec.node_id
+            )));
+        }
+        let spec = &self.spec;
+        let log = File::create(&log_path)
+            .with_context(|| format!("creating node log {}", log_path.display()))?;
+        let log_out = log.try_clone().context("duplicating the node log handle")?;
+        let spawned_at = Instant::now();
+        let child = Command::new(&spec.binary)
+            .arg("serve")
+            .arg("--topology")
+            .arg(&spec.topology_path)
+            .arg("--node")
+            .arg(&spec.node_id)
+            .arg("--data-dir")
+            .arg(&spec.data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_out))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("spawning {} serve", spec.binary.display()))?;
+        self.child = Some(child);
+        self.spawned_at = spawned_at;
+        self.log_path = log_path;
+        Ok(())
+    }
+
+    /// Polls `GET /readyz` until it answers 200, for up to the spec's ready timeout.
+    pub async fn wait_ready(&mut self, http: &reqwest::Client) -> Result<()> {
+        let timeout = self.spec.ready_timeout;
         let url = format!("{}/readyz", self.api_url);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.exited()? {
                 return Err(Error::runtime(format!(
-                    "the node exited before becoming ready ({status}); last lines of {}:\n{}",
+                    "node {} exited before becoming ready ({status}); last lines of {}:\n{}",
+                    self.spec.node_id,
                     self.log_path.display(),
                     log_tail(&self.log_path, 30)
                 )));
@@ -164,7 +250,8 @@ impl NodeGuard {
             };
             if Instant::now() >= deadline {
                 return Err(Error::runtime(format!(
-                    "the node at {} did not become ready within {} s ({last}); last lines of {}:\n{}",
+                    "node {} at {} did not become ready within {} s ({last}); last lines of {}:\n{}",
+                    self.spec.node_id,
                     self.api_url,
                     timeout.as_secs(),
                     self.log_path.display(),
@@ -192,7 +279,8 @@ impl NodeGuard {
         match self.exited()? {
             None => Ok(()),
             Some(status) => Err(Error::runtime(format!(
-                "the node exited during the benchmark ({status}); last lines of {}:\n{}",
+                "node {} exited during the benchmark ({status}); last lines of {}:\n{}",
+                self.spec.node_id,
                 self.log_path.display(),
                 log_tail(&self.log_path, 30)
             ))),
@@ -201,11 +289,17 @@ impl NodeGuard {
 
     /// Stops the node and tells how it went.
     pub fn stop(&mut self) -> String {
+        self.stop_checked().1
+    }
+
+    /// Stops the node: `(true, …)` when it exited on SIGTERM within 10 s (or had exited
+    /// already), `(false, …)` when it had to be killed.
+    pub fn stop_checked(&mut self) -> (bool, String) {
         let Some(mut child) = self.child.take() else {
-            return "already stopped".into();
+            return (true, "already stopped".into());
         };
         if let Ok(Some(status)) = child.try_wait() {
-            return format!("had already exited ({status})");
+            return (true, format!("had already exited ({status})"));
         }
         let pid = child.id().to_string();
         let term = Command::new("kill")
@@ -218,16 +312,19 @@ impl NodeGuard {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 match child.try_wait() {
-                    Ok(Some(status)) => return format!("stopped by SIGTERM ({status})"),
-                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                    Ok(Some(status)) => return (true, format!("stopped by SIGTERM ({status})")),
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                     Err(_) => break,
                 }
             }
         }
         let _ = child.kill();
         match child.wait() {
-            Ok(status) => format!("did not stop on SIGTERM within 10 s; killed ({status})"),
-            Err(e) => format!("did not stop on SIGTERM; kill failed: {e}"),
+            Ok(status) => (
+                false,
+                format!("did not stop on SIGTERM within 10 s; killed ({status})"),
+            ),
+            Err(e) => (false, format!("did not stop on SIGTERM; kill failed: {e}")),
         }
     }
 }
@@ -236,12 +333,14 @@ impl Drop for NodeGuard {
     fn drop(&mut self) {
         if self.child.is_some() {
             let outcome = self.stop();
-            eprintln!("meridian-bench: node {outcome}");
+            eprintln!("meridian-bench: node {} {outcome}", self.spec.node_id);
         }
     }
 }
 
-fn generate_certs(binary: &Path, topology: &Path, out: &Path, log_path: &Path) -> Result<()> {
+/// Runs `meridian certs --topology TOPOLOGY --out OUT`; on failure the output is kept in
+/// `log_path` with the extension `certs.log`.
+pub fn generate_certs(binary: &Path, topology: &Path, out: &Path, log_path: &Path) -> Result<()> {
     let output = Command::new(binary)
         .arg("certs")
         .arg("--topology")
@@ -254,6 +353,9 @@ fn generate_certs(binary: &Path, topology: &Path, out: &Path, log_path: &Path) -
     if !output.status.success() {
         let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
         text.push_str(&String::from_utf8_lossy(&output.stdout));
+        if text.trim().is_empty() {
+            text = "(no output)".into();
+        }
         // Keep the evidence next to the node log.
         let _ = fs::write(log_path.with_extension("certs.log"), &text);
         return Err(Error::runtime(format!(

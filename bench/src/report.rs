@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::error::{Context, Result};
-use crate::setup::command_stdout;
+use crate::setup::{SetupInfo, command_stdout};
 
 #[derive(Debug, Serialize)]
 pub struct Machine {
@@ -19,6 +19,9 @@ pub struct Machine {
     /// "release" or "debug": how this bench binary was built.
     pub bench_build: &'static str,
     pub command_line: Vec<String>,
+    /// 1/5/15-minute load averages when the scenario started: other work on the machine
+    /// skews the figures.
+    pub loadavg_at_start: Option<String>,
     /// RFC 3339, UTC.
     pub timestamp: String,
 }
@@ -54,6 +57,10 @@ impl Machine {
                 "release"
             },
             command_line: std::env::args().collect(),
+            loadavg_at_start: std::fs::read_to_string("/proc/loadavg").ok().map(|s| {
+                // The 1, 5 and 15 minute averages; not the run queue and last pid.
+                s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+            }),
             timestamp: rfc3339_now(),
         }
     }
@@ -86,6 +93,57 @@ fn rfc3339(unix_secs: u64) -> String {
         (rem % 3600) / 60,
         rem % 60
     )
+}
+
+/// The context lines printed above a two-node scenario's table.
+pub fn pair_header(scenario: &str, m: &Machine, s: &SetupInfo) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let _ = writeln!(text, "meridian-bench {scenario}  ({})", m.timestamp);
+    let _ = writeln!(
+        text,
+        "machine:  {} core(s), kernel {}, {}/{}, commit {}",
+        m.nproc,
+        m.kernel.as_deref().unwrap_or("?"),
+        m.os,
+        m.arch,
+        m.git_commit.as_deref().unwrap_or("?")
+    );
+    if let Some(c) = &s.cluster {
+        let nodes: Vec<String> = c
+            .nodes
+            .iter()
+            .map(|n| format!("{} ({}) at {}", n.id, n.region, n.api_url))
+            .collect();
+        let _ = writeln!(
+            text,
+            "nodes:    {}{}",
+            nodes.join(", "),
+            s.meridian_bin
+                .as_ref()
+                .map(|b| format!(" ({})", b.display()))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        text,
+        "data dir: {}{}",
+        s.data_dir.display(),
+        if s.data_dir_kept {
+            ""
+        } else {
+            " (temporary, removed after the run)"
+        }
+    );
+    let _ = writeln!(text, "disk:     {}", s.data_disk.describe());
+    let _ = writeln!(
+        text,
+        "cores:    both nodes and the bench client share these {} core(s); load average at start {}",
+        m.nproc,
+        m.loadavg_at_start.as_deref().unwrap_or("?")
+    );
+    text.push('\n');
+    text
 }
 
 /// One line of the result table.

@@ -9,6 +9,7 @@ use serde::Serialize;
 use tempfile::TempDir;
 
 use crate::CommonArgs;
+use crate::cluster::{Pair, PairConfig, PairInfo};
 use crate::error::{Context, Error, Result};
 use crate::node::{self, NodeConfig, NodeGuard};
 
@@ -69,6 +70,7 @@ pub fn command_stdout(cmd: &mut Command) -> Option<String> {
 /// (stopped) before the temporary directory holding its data is removed.
 pub struct BenchEnv {
     node: Option<NodeGuard>,
+    pair: Option<Pair>,
     pub target_url: String,
     pub external: bool,
     pub meridian_bin: Option<PathBuf>,
@@ -96,6 +98,9 @@ pub struct SetupInfo {
     pub topology: Option<PathBuf>,
     pub node_log: Option<PathBuf>,
     pub node_stop: Option<String>,
+    /// The two-node cluster of the replication scenarios.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<PairInfo>,
     /// True when the node runs on this machine (always for a spawned node).
     pub client_and_server_share_cores: Option<bool>,
 }
@@ -150,6 +155,7 @@ impl BenchEnv {
         let disk = DiskInfo::of(&data_dir);
         Ok(BenchEnv {
             node: None,
+            pair: None,
             target_url,
             external,
             meridian_bin,
@@ -188,6 +194,44 @@ impl BenchEnv {
         Ok(())
     }
 
+    /// Starts the two-node cluster of the replication scenarios in the data directory
+    /// (`topology.toml`, `certs/`, one data directory per node). Not with `--target`.
+    pub async fn start_pair(
+        &mut self,
+        http: &reqwest::Client,
+        scenario: &str,
+    ) -> Result<&mut Pair> {
+        let Some(bin) = self.meridian_bin.clone() else {
+            return Err(Error::usage(format!(
+                "{scenario} starts its own two nodes; it cannot run against --target"
+            )));
+        };
+        let out_dir = absolute(&self.out_dir)?;
+        let pair = Pair::start(
+            PairConfig {
+                binary: &bin,
+                dir: &self.data_dir,
+                out_dir: &out_dir,
+                scenario,
+                ready_timeout: self.ready_timeout,
+            },
+            http,
+        )
+        .await?;
+        self.target_url = pair.a.api_url.clone();
+        self.topology = Some(pair.topology_path.clone());
+        Ok(self.pair.insert(pair))
+    }
+
+    pub fn pair_mut(&mut self) -> Option<&mut Pair> {
+        self.pair.as_mut()
+    }
+
+    /// Stops both nodes of the pair and says how that went.
+    pub fn stop_pair(&mut self) -> Option<String> {
+        self.pair.as_mut().map(Pair::stop)
+    }
+
     /// The process id of a spawned node.
     pub fn node_pid(&self) -> Option<u32> {
         self.node.as_ref().and_then(NodeGuard::pid)
@@ -219,6 +263,7 @@ impl BenchEnv {
             topology: self.topology.clone(),
             node_log: self.node_log.clone(),
             node_stop,
+            cluster: self.pair.as_ref().map(Pair::info),
             client_and_server_share_cores: if self.external {
                 is_loopback_url(&self.target_url).then_some(true)
             } else {
@@ -230,8 +275,9 @@ impl BenchEnv {
 
 impl Drop for BenchEnv {
     fn drop(&mut self) {
-        // Stop the node before its data directory goes away.
+        // Stop the nodes before their data directory goes away.
         drop(self.node.take());
+        drop(self.pair.take());
         if let Some(tmp) = self.tempdir.take()
             && self.keep_data
         {

@@ -380,6 +380,12 @@ async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
                 backoff = BACKOFF_MIN;
                 last_error = None;
             }
+            Err(LinkError::PeerClosed(reason)) => {
+                // A peer that says goodbye (shutdown, connection age) is not a failure.
+                tracing::info!(peer = %peer.id, %reason, "peer closed the link; reconnecting");
+                backoff = BACKOFF_MIN;
+                last_error = None;
+            }
             Err(e) => {
                 let text = e.to_string();
                 // Log a failure once, not at every retry of the same failure.
@@ -412,7 +418,13 @@ async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
 async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Result<(), LinkError> {
     let engine = &ctx.engine;
     let policy = &engine.topology.residency;
-    let conn = tls::dial(&ctx.endpoint, &ctx.tls, &peer.id, addr).await?;
+    let mut stop = ctx.shutdown.clone();
+    // A dial to an unreachable peer can take until the handshake times out: shutdown must not
+    // wait for it.
+    let conn = tokio::select! {
+        c = tls::dial(&ctx.endpoint, &ctx.tls, &peer.id, addr) => c?,
+        _ = stop.changed() => return Ok(()),
+    };
     let (mut send, mut recv) = conn.open_bi().await?;
     let shared = shared_classes(policy, &engine.region, &peer.region);
     let frontier = engine.store().frontier()?.restricted_to(&shared);
@@ -554,10 +566,7 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     }
                 });
             }
-            Message::Close { reason } => {
-                tracing::info!(peer = %peer.id, %reason, "peer closed the link");
-                return Err(LinkError::PeerClosed(reason));
-            }
+            Message::Close { reason } => return Err(LinkError::PeerClosed(reason)),
             Message::Hello { .. } => {
                 return Err(
                     meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into(),
@@ -597,7 +606,7 @@ async fn accept_loop(ctx: Arc<Ctx>) {
             let remote = incoming.remote_address();
             if let Err(e) = serve_subscriber(&ctx, incoming).await {
                 match &e {
-                    LinkError::StreamEnded | LinkError::Connection(_) => {
+                    LinkError::StreamEnded | LinkError::Connection(_) | LinkError::PeerClosed(_) => {
                         tracing::debug!(%remote, error = %e, "subscriber link ended");
                     }
                     _ => tracing::warn!(%remote, error = %e, "subscriber link ended with an error"),
