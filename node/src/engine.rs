@@ -225,6 +225,19 @@ pub struct ApplyStats {
     pub newest: Option<Version>,
 }
 
+impl ApplyStats {
+    fn absorb(&mut self, other: ApplyStats) {
+        self.applied += other.applied;
+        self.waiting += other.waiting;
+        self.held_for_drift += other.held_for_drift;
+        self.quarantined += other.quarantined;
+        self.newest = self.newest.max(other.newest);
+    }
+}
+
+/// Batches touching at least this many records are merged on several cores.
+const PARALLEL_MERGE_MIN_KEYS: usize = 32;
+
 struct CachedDoc {
     doc: RecordDoc,
     stored: StoredRecord,
@@ -740,27 +753,57 @@ impl Engine {
 
     /// Store and apply a planned batch of received changes: documents, log entries, kept-aside
     /// changes and the new frontier in one durable transaction.
-    pub async fn apply_remote(&self, plan: Plan) -> Result<ApplyStats, WriteError> {
+    pub async fn apply_remote(self: &Arc<Self>, plan: Plan) -> Result<ApplyStats, WriteError> {
         let horizon = self.drift_horizon_ntp64();
-        let mut stats = ApplyStats::default();
-        let mut items = Vec::with_capacity(plan.by_key.len());
+        let keys = plan.by_key.len();
         // Locks are taken in key order (BTreeMap), so two batches can never deadlock.
-        let mut held = Vec::with_capacity(plan.by_key.len());
+        let mut work = Vec::with_capacity(keys);
         for (key, accepted) in plan.by_key {
             let slot = self.slot(&key);
-            let mut guard = slot.lock_owned().await;
-            let cached = match guard.cached.take() {
-                Some(c) => c,
-                None => self.load_doc(&key)?,
-            };
-            let stored_pending = self
-                .store
-                .pending_for(&key)
-                .map_err(|e| WriteError::Storage(e.to_string()))?;
-            let (item, cached) =
-                self.merge_into(key, cached, accepted, stored_pending, horizon, &mut stats);
-            items.push(item);
-            held.push((guard, cached));
+            let guard = slot.lock_owned().await;
+            work.push((key, guard, accepted));
+        }
+        // Merging is CPU work (automerge): spread the records over the cores, each part on a
+        // blocking thread so the runtime keeps serving requests meanwhile.
+        let parts = if keys >= PARALLEL_MERGE_MIN_KEYS {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, 8)
+        } else {
+            1
+        };
+        let chunk = keys.div_ceil(parts).max(1);
+        let mut chunks = Vec::with_capacity(parts);
+        while !work.is_empty() {
+            let rest = work.split_off(work.len().min(chunk));
+            chunks.push(std::mem::replace(&mut work, rest));
+        }
+        let mut tasks = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let engine = self.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                engine.merge_chunk(chunk, horizon)
+            }));
+        }
+        let mut stats = ApplyStats::default();
+        let mut items = Vec::with_capacity(keys);
+        let mut held = Vec::with_capacity(keys);
+        let mut failure = None;
+        for task in tasks {
+            match task.await {
+                Ok(Ok((part_items, part_held, part_stats))) => {
+                    items.extend(part_items);
+                    held.extend(part_held);
+                    stats.absorb(part_stats);
+                }
+                Ok(Err(e)) => failure = Some(e),
+                Err(e) => failure = Some(WriteError::Storage(format!("merge task failed: {e}"))),
+            }
+        }
+        if let Some(e) = failure {
+            // Nothing is committed; documents of the failed batch were dropped with their guards
+            // or are left untouched.
+            return Err(e);
         }
         let outcome = self.commit(items, plan.frontier).await;
         let committed = outcome.is_ok();
@@ -776,6 +819,44 @@ impl Engine {
             let _ = self.clock.observe(newest);
         }
         Ok(stats)
+    }
+
+    /// Load and merge one part of a batch (runs on a blocking thread).
+    #[allow(clippy::type_complexity)]
+    fn merge_chunk(
+        &self,
+        chunk: Vec<(
+            String,
+            tokio::sync::OwnedMutexGuard<Slot>,
+            Vec<meridian_replication::core::Accepted>,
+        )>,
+        horizon: u64,
+    ) -> Result<
+        (
+            Vec<WriteItem>,
+            Vec<(tokio::sync::OwnedMutexGuard<Slot>, Option<CachedDoc>)>,
+            ApplyStats,
+        ),
+        WriteError,
+    > {
+        let mut stats = ApplyStats::default();
+        let mut items = Vec::with_capacity(chunk.len());
+        let mut held = Vec::with_capacity(chunk.len());
+        for (key, mut guard, accepted) in chunk {
+            let cached = match guard.cached.take() {
+                Some(c) => c,
+                None => self.load_doc(&key)?,
+            };
+            let stored_pending = self
+                .store
+                .pending_for(&key)
+                .map_err(|e| WriteError::Storage(e.to_string()))?;
+            let (item, cached) =
+                self.merge_into(key, cached, accepted, stored_pending, horizon, &mut stats);
+            items.push(item);
+            held.push((guard, cached));
+        }
+        Ok((items, held, stats))
     }
 
     /// Offer a record's received and kept-aside changes to its document; build what to store.
@@ -931,7 +1012,10 @@ impl Engine {
     }
 
     /// Apply kept-aside changes whose time has come (held for drift), at most `limit` records.
-    pub async fn retry_due_pending(&self, limit: usize) -> Result<ApplyStats, WriteError> {
+    pub async fn retry_due_pending(
+        self: &Arc<Self>,
+        limit: usize,
+    ) -> Result<ApplyStats, WriteError> {
         let (due, _) = self
             .store
             .pending_summary(self.drift_horizon_ntp64(), limit)
