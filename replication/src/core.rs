@@ -227,7 +227,6 @@ pub struct Outbound {
     acked: Frontier,
     /// Sent, acknowledged or not: nothing at or below it is sent again on this link.
     sent: Frontier,
-    cursors: BTreeMap<String, u64>,
     in_flight: VecDeque<InFlight>,
     next_seq: u64,
     window: usize,
@@ -273,7 +272,6 @@ impl Outbound {
             sent: acked.clone(),
             acked,
             shared,
-            cursors: BTreeMap::new(),
             in_flight: VecDeque::new(),
             next_seq: 1,
             window: limits.window.max(1),
@@ -323,14 +321,16 @@ impl Outbound {
                 .iter()
                 .map(|c| (c.clone(), source.frontier(&origin, c)))
                 .collect();
-            let cursor = match self.cursors.get(&origin) {
-                Some(c) => *c,
-                None => self
-                    .shared
-                    .iter()
-                    .map(|c| self.sent.get(&origin, c))
-                    .min()
-                    .unwrap_or(0),
+            // Start at the lowest `sent` of a class with something left (held above sent).
+            // Derived on every poll: the log of a relayed origin grows out of HLC order across
+            // classes, so a cached cursor could pass entries inserted behind it later.
+            let Some(cursor) = held
+                .iter()
+                .filter(|(c, h)| *h > self.sent.get(&origin, c))
+                .map(|(c, _)| self.sent.get(&origin, c))
+                .min()
+            else {
+                continue;
             };
             let entries = source.read_after(&origin, cursor, room + 1)?;
             let mut exhausted = entries.len() <= room;
@@ -358,7 +358,6 @@ impl Outbound {
                     change: entry.change,
                 });
             }
-            self.cursors.insert(origin.clone(), scanned_to);
             for (class, held_hlc) in held {
                 let vouch = if exhausted {
                     held_hlc
