@@ -298,6 +298,24 @@ async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Message, LinkError> {
     Ok(Message::decode(&buf)?)
 }
 
+/// The reason, when a link ended because the peer closed it on purpose (shutdown, connection
+/// age, refusal) rather than because something failed.
+fn peer_said_goodbye(e: &LinkError) -> Option<String> {
+    let conn_err = match e {
+        LinkError::PeerClosed(reason) => return Some(reason.clone()),
+        LinkError::Connection(c) => c,
+        LinkError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => c,
+        LinkError::Write(quinn::WriteError::ConnectionLost(c)) => c,
+        _ => return None,
+    };
+    match conn_err {
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == 0u32.into() => {
+            Some(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
 /// Say why we close, let the peer read it (briefly), then close the connection with the same
 /// reason, so both sides can log it.
 async fn close_link(
@@ -380,7 +398,8 @@ async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
                 backoff = BACKOFF_MIN;
                 last_error = None;
             }
-            Err(LinkError::PeerClosed(reason)) => {
+            Err(e) if peer_said_goodbye(&e).is_some() => {
+                let reason = peer_said_goodbye(&e).unwrap_or_default();
                 // A peer that says goodbye (shutdown, connection age) is not a failure.
                 tracing::info!(peer = %peer.id, %reason, "peer closed the link; reconnecting");
                 backoff = BACKOFF_MIN;
@@ -602,17 +621,19 @@ async fn accept_loop(ctx: Arc<Ctx>) {
         }
         let ctx = ctx.clone();
         let span = tracing::Span::current();
-        links.spawn(async move {
-            let remote = incoming.remote_address();
-            if let Err(e) = serve_subscriber(&ctx, incoming).await {
-                match &e {
-                    LinkError::StreamEnded | LinkError::Connection(_) | LinkError::PeerClosed(_) => {
+        links.spawn(
+            async move {
+                let remote = incoming.remote_address();
+                if let Err(e) = serve_subscriber(&ctx, incoming).await {
+                    if peer_said_goodbye(&e).is_some() || matches!(e, LinkError::StreamEnded) {
                         tracing::debug!(%remote, error = %e, "subscriber link ended");
+                    } else {
+                        tracing::warn!(%remote, error = %e, "subscriber link ended with an error");
                     }
-                    _ => tracing::warn!(%remote, error = %e, "subscriber link ended with an error"),
                 }
             }
-        }.instrument(span));
+            .instrument(span),
+        );
     }
     links.abort_all();
 }

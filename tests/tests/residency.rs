@@ -294,6 +294,25 @@ async fn pinned_records_rest_only_in_allowed_regions_through_a_partition_and_hea
             .await
             .expect("incr");
         assert_eq!(r.status(), 200);
+        if i == 1 {
+            // us-east may not hold users/eu/*: the write was served by an allowed region.
+            let served = r
+                .headers()
+                .get("meridian-served-by-region")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            assert!(
+                matches!(served.as_deref(), Some("eu-west") | Some("ap-south")),
+                "{served:?}"
+            );
+            let read = client
+                .get(format!("{base}/v1/kv/users/eu/1-0"))
+                .send()
+                .await
+                .expect("get");
+            assert_eq!(read.status(), 200, "a forwarded read");
+            assert!(read.headers().get("meridian-served-by-region").is_some());
+        }
     }
     // Global records cross the partition through us-east.
     let all_global = poll_until(DEADLINE, || {
