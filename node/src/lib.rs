@@ -9,6 +9,7 @@ pub mod dev;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
+pub mod proxy;
 pub mod replica;
 pub mod server;
 pub mod storage;

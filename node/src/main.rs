@@ -83,6 +83,63 @@ enum Command {
         #[arg(long, default_value = "meridian-dev")]
         dir: PathBuf,
     },
+    /// The link emulator: relay the topology's [[links]] through a UDP proxy that injects
+    /// delay, jitter, loss, duplication, reordering and partitions (changeable while it runs).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Proxy {
+        /// The topology whose [[links]] entries to emulate.
+        #[arg(long, required = true)]
+        topology: Option<PathBuf>,
+        /// Address of the HTTP control API (port 0 picks a free port; printed at start).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        control: std::net::SocketAddr,
+        #[command(subcommand)]
+        command: Option<ProxyCommand>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProxyCommand {
+    /// Change the settings of one link (or all) of a running emulator and print the result.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["link", "all"])))]
+    Set {
+        /// The emulator's control address (as printed by `meridian proxy`).
+        #[arg(long)]
+        control: String,
+        /// The link FROM:TO (node ids).
+        #[arg(long)]
+        link: Option<String>,
+        /// Every link.
+        #[arg(long)]
+        all: bool,
+        /// One-way delay, milliseconds.
+        #[arg(long)]
+        delay_ms: Option<u64>,
+        /// Uniform jitter ± milliseconds.
+        #[arg(long)]
+        jitter_ms: Option<u64>,
+        /// Loss probability 0..1.
+        #[arg(long)]
+        loss: Option<f64>,
+        /// Duplication probability 0..1.
+        #[arg(long)]
+        duplicate: Option<f64>,
+        /// Reordering probability 0..1.
+        #[arg(long)]
+        reorder: Option<f64>,
+        /// Drop everything (partition).
+        #[arg(long, conflicts_with = "up")]
+        down: bool,
+        /// Carry traffic again.
+        #[arg(long)]
+        up: bool,
+        /// Which direction: both, forward (FROM to TO) or reverse.
+        #[arg(long, default_value = "both")]
+        direction: meridian_node::proxy::DirectionSel,
+        /// Print the resulting state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -141,6 +198,11 @@ fn main() -> ExitCode {
         } => residency_audit(&topology, &data_dir, node.as_deref(), json),
         Command::Certs { topology, out } => certs(&topology, &out),
         Command::Dev { regions, dir } => dev(regions, dir, cli.log_format),
+        Command::Proxy {
+            topology,
+            control,
+            command,
+        } => proxy(topology, control, command),
         Command::Serve {
             topology,
             node,
@@ -505,6 +567,121 @@ fn dev(regions: Option<u8>, dir: PathBuf, log_format: LogFormat) -> ExitCode {
                 ExitCode::from(EXIT_INVALID)
             } else {
                 ExitCode::from(EXIT_RUNTIME)
+            }
+        }
+    }
+}
+
+/// `meridian proxy`: run the link emulator, or (`proxy set`) change a running one.
+fn proxy(
+    topology_path: Option<PathBuf>,
+    control: std::net::SocketAddr,
+    command: Option<ProxyCommand>,
+) -> ExitCode {
+    use meridian_node::proxy::{self, ProxyError, SetTarget, SettingsUpdate};
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match command {
+        None => {
+            let Some(path) = topology_path else {
+                eprintln!("error: --topology is required");
+                return ExitCode::from(EXIT_INVALID);
+            };
+            let topology = match load_topology(&path) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let result = runtime.block_on(proxy::run(
+                &topology,
+                control,
+                proxy::EmulatorOptions::default(),
+                server::shutdown_signal(),
+            ));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", path.display());
+                    match e {
+                        ProxyError::NoLinks | ProxyError::UnknownNode { .. } => {
+                            ExitCode::from(EXIT_INVALID)
+                        }
+                        _ => ExitCode::from(EXIT_RUNTIME),
+                    }
+                }
+            }
+        }
+        Some(ProxyCommand::Set {
+            control,
+            link,
+            all,
+            delay_ms,
+            jitter_ms,
+            loss,
+            duplicate,
+            reorder,
+            down,
+            up,
+            direction,
+            json,
+        }) => {
+            let target = match (link, all) {
+                (Some(link), false) => match SetTarget::parse_link(&link) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(EXIT_INVALID);
+                    }
+                },
+                _ => SetTarget::All,
+            };
+            let update = SettingsUpdate {
+                delay_ms,
+                jitter_ms,
+                loss,
+                duplicate,
+                reorder,
+                down: if down {
+                    Some(true)
+                } else if up {
+                    Some(false)
+                } else {
+                    None
+                },
+                direction: Some(direction),
+            };
+            if let Err(e) = update.validate() {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            match runtime.block_on(proxy::set_remote(&control, &target, &update)) {
+                Ok(links) => {
+                    if json {
+                        match serde_json::to_string_pretty(&links) {
+                            Ok(s) => println!("{s}"),
+                            Err(e) => {
+                                eprintln!("error: cannot render JSON: {e}");
+                                return ExitCode::from(EXIT_RUNTIME);
+                            }
+                        }
+                    } else {
+                        for l in &links {
+                            println!("{}", l.render());
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
             }
         }
     }
