@@ -55,6 +55,8 @@ pub struct DevOptions {
     pub dir: PathBuf,
     /// Passed on to every node.
     pub log_format: LogFormat,
+    /// Route every inter-region link through the link emulator with this one-way delay.
+    pub latency_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,8 @@ pub enum DevError {
     Generated(TopologyError),
     #[error(transparent)]
     Topology(#[from] TopologyError),
+    #[error("cannot start the link emulator: {0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
     #[error("cannot create the cluster certificates: {0}")]
     Certs(#[from] TlsError),
     #[error("cannot find this executable to start the nodes: {0}")]
@@ -321,9 +325,25 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     let logs = create_dir(&dir.join("logs"), "create the log folder")?;
     let data = create_dir(&dir.join("data"), "create the data folder")?;
     let exe = std::env::current_exe().map_err(DevError::Exe)?;
+    // With --latency-ms, nodes run with a copy of the topology whose [[links]] send every
+    // inter-region dial through an in-process emulator; the reusable topology stays as it is.
+    let (node_topology_path, _emulator) = match options.latency_ms {
+        Some(ms) => {
+            let (path, emulator) = start_emulator(&dir, &topology_path, &topology, ms).await?;
+            (path, Some(emulator))
+        }
+        None => (topology_path.clone(), None),
+    };
     let mut nodes = Vec::new();
     for node in &topology.nodes {
-        match spawn_node(&exe, &topology_path, node, &logs, &data, options.log_format) {
+        match spawn_node(
+            &exe,
+            &node_topology_path,
+            node,
+            &logs,
+            &data,
+            options.log_format,
+        ) {
             Ok(n) => nodes.push(n),
             Err(e) => {
                 stop_all(&mut nodes).await;
@@ -702,4 +722,73 @@ mod tests {
         assert_eq!(http_status(addr, "/readyz").await.unwrap(), 503);
         server.await.unwrap();
     }
+}
+
+/// Write `topology-latency.toml` (the topology plus a `[[links]]` entry through a fresh local
+/// port for every directed pair of nodes), start the emulator on it with `latency_ms` one-way
+/// delay in both directions, and serve its control API on a free port.
+async fn start_emulator(
+    dir: &Path,
+    topology_path: &Path,
+    topology: &Topology,
+    latency_ms: u64,
+) -> Result<(PathBuf, crate::proxy::Emulator), DevError> {
+    use crate::proxy::{DirectionSel, Emulator, EmulatorOptions, SettingsUpdate};
+    let mut text = fs::read_to_string(topology_path).map_err(|source| DevError::Io {
+        action: "read the topology",
+        path: topology_path.to_path_buf(),
+        source,
+    })?;
+    text.push_str(
+        "\n# Added by `meridian dev --latency-ms`: every dial goes through the link emulator.\n",
+    );
+    for from in &topology.nodes {
+        for to in &topology.nodes {
+            if from.id == to.id {
+                continue;
+            }
+            let via = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .map_err(|source| DevError::Port {
+                    kind: "UDP emulator",
+                    source,
+                })?;
+            let _ = write!(
+                text,
+                "\n[[links]]\nfrom = \"{}\"\nto = \"{}\"\nvia = \"{via}\"\n",
+                from.id, to.id
+            );
+        }
+    }
+    let path = dir.join("topology-latency.toml");
+    fs::write(&path, text).map_err(|source| DevError::Io {
+        action: "write the latency topology",
+        path: path.clone(),
+        source,
+    })?;
+    let with_links = Topology::load(&path)?;
+    let emulator = Emulator::start(&with_links, EmulatorOptions::default()).await?;
+    emulator.set_all(&SettingsUpdate {
+        delay_ms: Some(latency_ms),
+        direction: Some(DirectionSel::Both),
+        ..SettingsUpdate::default()
+    })?;
+    let port_error = |source| DevError::Port {
+        kind: "TCP emulator control",
+        source,
+    };
+    let control = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(port_error)?;
+    let control_addr = control.local_addr().map_err(port_error)?;
+    tokio::spawn(crate::proxy::serve_control(
+        emulator.handle(),
+        control,
+        std::future::pending(),
+    ));
+    println!(
+        "inter-region links carry {latency_ms} ms one-way delay through the link emulator; \
+         change it with: meridian proxy set --control {control_addr} --all --delay-ms N (or --down)"
+    );
+    Ok((path, emulator))
 }

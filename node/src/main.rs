@@ -82,6 +82,10 @@ enum Command {
         /// The cluster's folder: topology, certificates, data and logs. Reused if it exists.
         #[arg(long, default_value = "meridian-dev")]
         dir: PathBuf,
+        /// One-way delay, in milliseconds, on every link between regions (through the link
+        /// emulator).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        latency_ms: Option<u64>,
     },
     /// The link emulator: relay the topology's [[links]] through a UDP proxy that injects
     /// delay, jitter, loss, duplication, reordering and partitions (changeable while it runs).
@@ -197,7 +201,11 @@ fn main() -> ExitCode {
                 },
         } => residency_audit(&topology, &data_dir, node.as_deref(), json),
         Command::Certs { topology, out } => certs(&topology, &out),
-        Command::Dev { regions, dir } => dev(regions, dir, cli.log_format),
+        Command::Dev {
+            regions,
+            dir,
+            latency_ms,
+        } => dev(regions, dir, latency_ms, cli.log_format),
         Command::Proxy {
             topology,
             control,
@@ -536,7 +544,12 @@ fn certs(topology_path: &std::path::Path, out: &std::path::Path) -> ExitCode {
     }
 }
 
-fn dev(regions: Option<u8>, dir: PathBuf, log_format: LogFormat) -> ExitCode {
+fn dev(
+    regions: Option<u8>,
+    dir: PathBuf,
+    latency_ms: Option<u64>,
+    log_format: LogFormat,
+) -> ExitCode {
     tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -552,6 +565,7 @@ fn dev(regions: Option<u8>, dir: PathBuf, log_format: LogFormat) -> ExitCode {
         regions: regions.map(usize::from),
         dir,
         log_format,
+        latency_ms,
     };
     match runtime.block_on(dev::run(options)) {
         Ok(()) => ExitCode::SUCCESS,
