@@ -648,6 +648,75 @@ async fn stop_all(nodes: &mut [Node]) {
     }
 }
 
+/// Write `topology-latency.toml` (the topology plus a `[[links]]` entry through a fresh local
+/// port for every directed pair of nodes), start the emulator on it with `latency_ms` one-way
+/// delay in both directions, and serve its control API on a free port.
+async fn start_emulator(
+    dir: &Path,
+    topology_path: &Path,
+    topology: &Topology,
+    latency_ms: u64,
+) -> Result<(PathBuf, crate::proxy::Emulator), DevError> {
+    use crate::proxy::{DirectionSel, Emulator, EmulatorOptions, SettingsUpdate};
+    let mut text = fs::read_to_string(topology_path).map_err(|source| DevError::Io {
+        action: "read the topology",
+        path: topology_path.to_path_buf(),
+        source,
+    })?;
+    text.push_str(
+        "\n# Added by `meridian dev --latency-ms`: every dial goes through the link emulator.\n",
+    );
+    for from in &topology.nodes {
+        for to in &topology.nodes {
+            if from.id == to.id {
+                continue;
+            }
+            let via = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .map_err(|source| DevError::Port {
+                    kind: "UDP emulator",
+                    source,
+                })?;
+            let _ = write!(
+                text,
+                "\n[[links]]\nfrom = \"{}\"\nto = \"{}\"\nvia = \"{via}\"\n",
+                from.id, to.id
+            );
+        }
+    }
+    let path = dir.join("topology-latency.toml");
+    fs::write(&path, text).map_err(|source| DevError::Io {
+        action: "write the latency topology",
+        path: path.clone(),
+        source,
+    })?;
+    let with_links = Topology::load(&path)?;
+    let emulator = Emulator::start(&with_links, EmulatorOptions::default()).await?;
+    emulator.set_all(&SettingsUpdate {
+        delay_ms: Some(latency_ms),
+        direction: Some(DirectionSel::Both),
+        ..SettingsUpdate::default()
+    })?;
+    let port_error = |source| DevError::Port {
+        kind: "TCP emulator control",
+        source,
+    };
+    let control = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(port_error)?;
+    let control_addr = control.local_addr().map_err(port_error)?;
+    tokio::spawn(crate::proxy::serve_control(
+        emulator.handle(),
+        control,
+        std::future::pending(),
+    ));
+    println!(
+        "inter-region links carry {latency_ms} ms one-way delay through the link emulator; \
+         change it with: meridian proxy set --control {control_addr} --all --delay-ms N (or --down)"
+    );
+    Ok((path, emulator))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,73 +791,4 @@ mod tests {
         assert_eq!(http_status(addr, "/readyz").await.unwrap(), 503);
         server.await.unwrap();
     }
-}
-
-/// Write `topology-latency.toml` (the topology plus a `[[links]]` entry through a fresh local
-/// port for every directed pair of nodes), start the emulator on it with `latency_ms` one-way
-/// delay in both directions, and serve its control API on a free port.
-async fn start_emulator(
-    dir: &Path,
-    topology_path: &Path,
-    topology: &Topology,
-    latency_ms: u64,
-) -> Result<(PathBuf, crate::proxy::Emulator), DevError> {
-    use crate::proxy::{DirectionSel, Emulator, EmulatorOptions, SettingsUpdate};
-    let mut text = fs::read_to_string(topology_path).map_err(|source| DevError::Io {
-        action: "read the topology",
-        path: topology_path.to_path_buf(),
-        source,
-    })?;
-    text.push_str(
-        "\n# Added by `meridian dev --latency-ms`: every dial goes through the link emulator.\n",
-    );
-    for from in &topology.nodes {
-        for to in &topology.nodes {
-            if from.id == to.id {
-                continue;
-            }
-            let via = std::net::UdpSocket::bind("127.0.0.1:0")
-                .and_then(|s| s.local_addr())
-                .map_err(|source| DevError::Port {
-                    kind: "UDP emulator",
-                    source,
-                })?;
-            let _ = write!(
-                text,
-                "\n[[links]]\nfrom = \"{}\"\nto = \"{}\"\nvia = \"{via}\"\n",
-                from.id, to.id
-            );
-        }
-    }
-    let path = dir.join("topology-latency.toml");
-    fs::write(&path, text).map_err(|source| DevError::Io {
-        action: "write the latency topology",
-        path: path.clone(),
-        source,
-    })?;
-    let with_links = Topology::load(&path)?;
-    let emulator = Emulator::start(&with_links, EmulatorOptions::default()).await?;
-    emulator.set_all(&SettingsUpdate {
-        delay_ms: Some(latency_ms),
-        direction: Some(DirectionSel::Both),
-        ..SettingsUpdate::default()
-    })?;
-    let port_error = |source| DevError::Port {
-        kind: "TCP emulator control",
-        source,
-    };
-    let control = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(port_error)?;
-    let control_addr = control.local_addr().map_err(port_error)?;
-    tokio::spawn(crate::proxy::serve_control(
-        emulator.handle(),
-        control,
-        std::future::pending(),
-    ));
-    println!(
-        "inter-region links carry {latency_ms} ms one-way delay through the link emulator; \
-         change it with: meridian proxy set --control {control_addr} --all --delay-ms N (or --down)"
-    );
-    Ok((path, emulator))
 }
