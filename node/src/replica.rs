@@ -298,11 +298,19 @@ async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Message, LinkError> {
     Ok(Message::decode(&buf)?)
 }
 
+/// Reasons a node gives when it closes a link for ordinary causes.
+const BENIGN_CLOSE_REASONS: [&str; 2] = ["node shutting down", "connection age limit"];
+
 /// The reason, when a link ended because the peer closed it on purpose (shutdown, connection
 /// age, refusal) rather than because something failed.
 fn peer_said_goodbye(e: &LinkError) -> Option<String> {
     let conn_err = match e {
-        LinkError::PeerClosed(reason) => return Some(reason.clone()),
+        // A refusal (identity, cluster, version) also arrives as a Close: it is a failure.
+        LinkError::PeerClosed(reason) => {
+            return BENIGN_CLOSE_REASONS
+                .contains(&reason.as_str())
+                .then(|| reason.clone());
+        }
         LinkError::Connection(c) => c,
         LinkError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => c,
         LinkError::Write(quinn::WriteError::ConnectionLost(c)) => c,
