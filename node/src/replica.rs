@@ -35,6 +35,10 @@ use crate::topology::NodeConfig;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Received batches waiting to be applied on one link; the sender's window is smaller.
+const INBOUND_QUEUE_BATCHES: usize = 8;
+/// Received batches applied together in one transaction at most.
+const MAX_COALESCED_BATCHES: usize = 8;
 /// A sender with nothing new still sends progress this often, and retries held changes.
 const IDLE_TICK: Duration = Duration::from_millis(500);
 
@@ -483,9 +487,28 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
     let age_limit = tokio::time::sleep(MAX_CONNECTION_AGE);
     tokio::pin!(age_limit);
     let mut shutdown = ctx.shutdown.clone();
+    // A reader task keeps receiving while a batch is being applied, so the batches that arrive
+    // meanwhile are applied together, in one transaction and one fsync: group commit for
+    // replication. The sender's window (4 batches) bounds what can queue here.
+    let (frames_tx, mut frames) =
+        tokio::sync::mpsc::channel::<Result<Message, LinkError>>(INBOUND_QUEUE_BATCHES);
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = read_msg(&mut recv).await;
+            let end = msg.is_err();
+            if frames_tx.send(msg).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+    let max_drift_ntp64 = ((u128::from(engine.topology.clock.max_drift_ms) << 32) / 1000) as u64;
     loop {
-        let msg = tokio::select! {
-            m = read_msg(&mut recv) => m?,
+        let first = tokio::select! {
+            m = frames.recv() => match m {
+                Some(m) => m?,
+                None => return Err(LinkError::StreamEnded),
+            },
             () = &mut age_limit => {
                 // Reconnecting re-checks certificates, so rotated or revoked ones take effect.
                 conn.close(0u32.into(), b"connection age limit");
@@ -496,14 +519,43 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                 return Ok(());
             }
         };
-        match msg {
-            Message::Batch {
-                seq,
-                changes,
-                progress,
-            } => {
-                inbound.accept(seq)?;
+        let mut batches = Vec::new();
+        let mut after: Option<Result<Message, LinkError>> = None;
+        match first {
+            b @ Message::Batch { .. } => batches.push(b),
+            other => after = Some(Ok(other)),
+        }
+        while !batches.is_empty() && batches.len() < MAX_COALESCED_BATCHES {
+            match frames.try_recv() {
+                Ok(Ok(b @ Message::Batch { .. })) => batches.push(b),
+                Ok(other) => {
+                    after = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if !batches.is_empty() {
+            let mut seqs = Vec::with_capacity(batches.len());
+            let mut changes = Vec::new();
+            let mut progress = Vec::new();
+            for batch in batches {
+                if let Message::Batch {
+                    seq,
+                    changes: c,
+                    progress: p,
+                } = batch
+                {
+                    inbound.accept(seq)?;
+                    seqs.push(seq);
+                    changes.extend(c);
+                    progress.extend(p);
+                }
+            }
+            {
                 let current = engine.store().frontier()?;
+                // One plan for all: plan_batch tracks the frontier across the changes in order,
+                // and applies the progress vouches after them.
                 let plan = plan_batch(
                     changes,
                     &progress,
@@ -511,7 +563,7 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     policy,
                     &engine.region,
                     engine.clock.now().time_ntp64,
-                    engine.drift_horizon_ntp64() - engine.clock.now().time_ntp64,
+                    max_drift_ntp64,
                 );
                 if !plan.refused.is_empty() {
                     let keys: Vec<&str> = plan
@@ -538,7 +590,9 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     .collect();
                 let newest_accepted = accepted_hlcs.iter().copied().max();
                 let stats = engine.apply_remote(plan).await?;
-                write_msg(&mut send, &Message::Ack { seq }).await?;
+                for seq in seqs {
+                    write_msg(&mut send, &Message::Ack { seq }).await?;
+                }
                 if stats.held_for_drift > 0 {
                     engine
                         .metrics
@@ -593,13 +647,18 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     }
                 });
             }
-            Message::Close { reason } => return Err(LinkError::PeerClosed(reason)),
-            Message::Hello { .. } => {
+        }
+        match after {
+            None => {}
+            Some(Err(e)) => return Err(e),
+            Some(Ok(Message::Close { reason })) => return Err(LinkError::PeerClosed(reason)),
+            Some(Ok(Message::Batch { .. })) => {}
+            Some(Ok(Message::Hello { .. })) => {
                 return Err(
                     meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into(),
                 );
             }
-            Message::Ack { .. } | Message::Forward { .. } | Message::Forwarded { .. } => {
+            Some(Ok(Message::Ack { .. } | Message::Forward { .. } | Message::Forwarded { .. })) => {
                 return Err(
                     meridian_replication::core::ProtocolError::UnexpectedMessage(
                         "ack or forward on the subscription stream",
@@ -608,6 +667,15 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                 );
             }
         }
+    }
+}
+
+/// Aborts a task when dropped, so a link's reader never outlives the link.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
