@@ -23,11 +23,16 @@ struct Dev {
 
 impl Dev {
     fn start(dir: &Path, run: &str) -> Dev {
+        Dev::start_with(dir, run, &[])
+    }
+
+    fn start_with(dir: &Path, run: &str, extra: &[&str]) -> Dev {
         let stdout = dir.with_extension(format!("{run}.out"));
         let stderr = dir.with_extension(format!("{run}.err"));
         let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
             .args(["dev", "--regions", "2", "--dir"])
             .arg(dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).expect("create stdout file"))
             .stderr(std::fs::File::create(&stderr).expect("create stderr file"))
@@ -227,5 +232,77 @@ async fn dev_starts_a_cluster_stops_cleanly_and_restarts_on_the_same_folder() {
     assert_eq!(got.status(), 200);
     let body: Value = got.json().await.unwrap();
     assert_eq!(body["value"], json!({"run": 1}));
+    stop(dev, &dir, &topology, &client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_latency_puts_the_link_emulator_between_regions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut dev = Dev::start_with(&dir, "latency", &["--latency-ms", "150"]);
+    let topology = wait_cluster(&mut dev, &dir, &client).await;
+    assert!(
+        dev.output().contains("150 ms one-way delay"),
+        "{}",
+        dev.output()
+    );
+    let with_links = Topology::load(&dir.join("topology-latency.toml")).expect("latency topology");
+    assert_eq!(with_links.links.len(), 2, "one emulated link per direction");
+    let (a, b) = (topology.nodes[0].api, topology.nodes[1].api);
+    // Wait until the regions replicate at all (links up), then time one write across.
+    let warm = client
+        .put(format!("http://{a}/v1/kv/warm"))
+        .json(&json!({"x": 0}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(warm.status(), 200);
+    let deadline = Instant::now() + READY_DEADLINE;
+    while client
+        .get(format!("http://{b}/v1/kv/warm"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no replication through the emulator:\n{}",
+            dev.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = Instant::now();
+    let local = client
+        .put(format!("http://{a}/v1/kv/timed"))
+        .json(&json!({"x": 1}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(local.status(), 200);
+    loop {
+        let r = client.get(format!("http://{b}/v1/kv/timed")).send().await;
+        if matches!(r, Ok(ref r) if r.status() == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the write never crossed:\n{}",
+            dev.output()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Only a lower bound: the change crosses at least one emulated 150 ms hop.
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "crossed in {:?}, faster than the injected delay",
+        start.elapsed()
+    );
     stop(dev, &dir, &topology, &client).await;
 }
