@@ -84,6 +84,8 @@ pub enum ForwardError {
     NoneReachable { regions: Vec<String>, tried: String },
 }
 
+/// How long a forwarded request waits for a link to an allowed region that is still connecting.
+const FORWARD_CONNECT_WAIT: Duration = Duration::from_secs(2);
 /// How long a forwarded request may take before the next candidate node is tried.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,6 +105,13 @@ impl Forwarder {
         conns.get(node).cloned()
     }
 
+    fn any_connected(&self, regions: &[String]) -> bool {
+        regions
+            .iter()
+            .flat_map(|r| self.topology.nodes_in(r))
+            .any(|n| self.conn(&n.id).is_some())
+    }
+
     fn register(&self, node: &str, conn: Option<quinn::Connection>) {
         let mut conns = match self.conns.lock() {
             Ok(c) => c,
@@ -120,6 +129,12 @@ impl Forwarder {
         regions: &[String],
         request: Message,
     ) -> Result<ForwardAnswer, ForwardError> {
+        // Right after start (or a reconnect) the links may still be connecting: wait a moment
+        // for one instead of refusing at once.
+        let waited = Instant::now();
+        while !self.any_connected(regions) && waited.elapsed() < FORWARD_CONNECT_WAIT {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let mut tried = Vec::new();
         for region in regions {
             for node in self.topology.nodes_in(region) {

@@ -257,6 +257,28 @@ async fn pinned_records_rest_only_in_allowed_regions_through_a_partition_and_hea
         cluster.wait_ready(i, &client).await;
     }
     let urls: Vec<String> = (0..3).map(|i| cluster.url(i, "")).collect();
+    // us-east forwards over the links it dials: wait until one to an allowed region is up.
+    let linked = poll_until(DEADLINE, || {
+        let (c, us) = (client.clone(), urls[1].clone());
+        async move {
+            let Ok(r) = c.get(format!("{us}/v1/status")).send().await else {
+                return false;
+            };
+            let Ok(status) = r.json::<Value>().await else {
+                return false;
+            };
+            status["peers"].as_array().into_iter().flatten().any(|p| {
+                (p["node"] == "eu-west-1" || p["node"] == "ap-south-1")
+                    && p["receiving"]["connected"] == json!(true)
+            })
+        }
+    })
+    .await;
+    assert!(
+        linked,
+        "us-east never connected to an allowed region:\n{}",
+        cluster.log(1)
+    );
     // Writes from every region. users/eu/* from us-east is forwarded; billing/us/* is refused
     // outside us-east.
     for (i, base) in urls.iter().enumerate() {
