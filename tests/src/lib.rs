@@ -307,3 +307,27 @@ impl Drop for NodeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Write one length-prefixed replication frame, as a peer would.
+pub async fn frame_write(send: &mut quinn::SendStream, msg: &meridian_replication::wire::Message) {
+    let bytes = msg.encode();
+    send.write_all(&(bytes.len() as u32).to_be_bytes())
+        .await
+        .expect("write frame length");
+    send.write_all(&bytes).await.expect("write frame body");
+}
+
+/// Read one length-prefixed replication frame; `None` when the stream ends or is malformed.
+pub async fn frame_read(
+    recv: &mut quinn::RecvStream,
+) -> Option<meridian_replication::wire::Message> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.ok()?;
+    let n = u32::from_be_bytes(len) as usize;
+    if n > meridian_replication::wire::MAX_FRAME_BYTES {
+        return None;
+    }
+    let mut buf = vec![0u8; n];
+    recv.read_exact(&mut buf).await.ok()?;
+    meridian_replication::wire::Message::decode(&buf).ok()
+}

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use meridian_tests::{Cluster, DEADLINE, get, metric, poll_until, topology_text};
+use meridian_tests::{
+    Cluster, DEADLINE, frame_read, frame_write, get, metric, poll_until, topology_text,
+};
 use serde_json::{Value, json};
 
 /// The part of a read that must be identical in every region.
@@ -362,22 +364,6 @@ async fn a_restarted_node_resumes_without_a_full_resend() {
         .await,
         "the sender resent more than the 50 new changes: {metrics_a}"
     );
-}
-
-async fn frame_write(send: &mut quinn::SendStream, msg: &meridian_replication::wire::Message) {
-    let bytes = msg.encode();
-    send.write_all(&(bytes.len() as u32).to_be_bytes())
-        .await
-        .expect("write len");
-    send.write_all(&bytes).await.expect("write body");
-}
-
-async fn frame_read(recv: &mut quinn::RecvStream) -> Option<meridian_replication::wire::Message> {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.ok()?;
-    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-    recv.read_exact(&mut buf).await.ok()?;
-    meridian_replication::wire::Message::decode(&buf).ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,26 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use meridian_replication::wire::{Message, PROTOCOL_VERSION, WireChange};
 use meridian_replication::{RecordDoc, Version};
-use meridian_tests::{Cluster, DEADLINE, get, metric, poll_until};
+use meridian_tests::{Cluster, DEADLINE, frame_read, frame_write, get, metric, poll_until};
 use serde_json::{Value, json};
 
 const RULES: &str = "[[residency]]\nname = \"us-only\"\nkeys = \"users/us/*\"\nhome = \"us-east\"\nforeign = \"reject\"\n";
-
-async fn frame_write(send: &mut quinn::SendStream, msg: &Message) {
-    let bytes = msg.encode();
-    send.write_all(&(bytes.len() as u32).to_be_bytes())
-        .await
-        .expect("write len");
-    send.write_all(&bytes).await.expect("write body");
-}
-
-async fn frame_read(recv: &mut quinn::RecvStream) -> Option<Message> {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.ok()?;
-    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-    recv.read_exact(&mut buf).await.ok()?;
-    Message::decode(&buf).ok()
-}
 
 fn now_ntp64() -> u64 {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
