@@ -87,7 +87,7 @@ pub enum ForwardError {
 /// How long a forwarded request waits for a link to an allowed region that is still connecting.
 const FORWARD_CONNECT_WAIT: Duration = Duration::from_secs(2);
 /// How long a forwarded request may take before the next candidate node is tried.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Carries client requests for records pinned elsewhere over the authenticated peer links.
 /// Uses the connections this node dialled (one per peer), one QUIC stream per request.

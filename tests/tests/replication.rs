@@ -108,7 +108,8 @@ async fn three_regions_converge_under_concurrent_writes() {
             cluster.log(2)
         );
     }
-    // Status shows every peer connected, with a lag figure.
+    // Status shows every peer connected; lag figures exist for the links that delivered changes
+    // first (a change may arrive directly or relayed by the third region, whichever is sooner).
     let status: Value = client
         .get(cluster.url(0, "/v1/status"))
         .send()
@@ -117,10 +118,14 @@ async fn three_regions_converge_under_concurrent_writes() {
         .json()
         .await
         .expect("json");
-    for peer in status["peers"].as_array().expect("peers") {
+    let peers = status["peers"].as_array().expect("peers");
+    for peer in peers {
         assert_eq!(peer["connected"], json!(true), "{peer}");
-        assert!(peer["lag_ms"].as_u64().is_some(), "{peer}");
     }
+    assert!(
+        peers.iter().any(|p| p["lag_ms"].as_u64().is_some()),
+        "{status}"
+    );
     let metrics = client
         .get(cluster.url(0, "/metrics"))
         .send()
@@ -130,11 +135,11 @@ async fn three_regions_converge_under_concurrent_writes() {
         .await
         .expect("text");
     assert!(
-        metric(
+        ["us-east", "ap-south"].iter().any(|r| metric(
             &metrics,
-            "meridian_replication_lag_seconds{peer_region=\"us-east\"}"
+            &format!("meridian_replication_lag_seconds{{peer_region=\"{r}\"}}")
         )
-        .is_some(),
+        .is_some()),
         "{metrics}"
     );
     assert_eq!(
@@ -565,11 +570,19 @@ async fn changes_stamped_beyond_the_drift_are_held_then_applied_and_others_keep_
                 return false;
             };
             let text = r.text().await.unwrap_or_default();
-            metric(
-                &text,
-                "meridian_replication_drift_refusals_total{peer_region=\"eu-west\"}",
-            )
-            .is_some_and(|n| n >= 1.0)
+            // The skewed change may arrive directly or relayed through ap-south: count both.
+            ["eu-west", "ap-south"]
+                .iter()
+                .filter_map(|region| {
+                    metric(
+                        &text,
+                        &format!(
+                            "meridian_replication_drift_refusals_total{{peer_region=\"{region}\"}}"
+                        ),
+                    )
+                })
+                .sum::<f64>()
+                >= 1.0
         }
     })
     .await;
@@ -582,18 +595,15 @@ async fn changes_stamped_beyond_the_drift_are_held_then_applied_and_others_keep_
         .json()
         .await
         .expect("json");
-    let eu_peer = status["peers"]
+    let refusals: u64 = status["peers"]
         .as_array()
         .expect("peers")
         .iter()
-        .find(|p| p["node"] == "eu-west-1")
-        .cloned()
-        .expect("peer");
+        .filter_map(|p| p["receiving"]["drift_refusals"].as_u64())
+        .sum();
     assert!(
-        eu_peer["receiving"]["drift_refusals"]
-            .as_u64()
-            .is_some_and(|n| n >= 1),
-        "{eu_peer}"
+        refusals >= 1,
+        "drift refusals visible per peer in status: {status}"
     );
     // Once real time passes the stamp, the held change is applied: nothing was lost.
     assert!(
