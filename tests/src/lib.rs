@@ -331,3 +331,28 @@ pub async fn frame_read(
     recv.read_exact(&mut buf).await.ok()?;
     meridian_replication::wire::Message::decode(&buf).ok()
 }
+
+/// GET `url` and parse its JSON body (tests: any failure is a test failure, with the URL).
+pub async fn get_json(client: &reqwest::Client, url: impl AsRef<str>) -> Value {
+    let url = url.as_ref();
+    let r = client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    r.json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: body is not JSON: {e}"))
+}
+
+/// GET `url` and return its body as text, or `None` if the request failed (for polling).
+pub async fn get_text(client: &reqwest::Client, url: impl AsRef<str>) -> Option<String> {
+    client
+        .get(url.as_ref())
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}

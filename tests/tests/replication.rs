@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use meridian_tests::{
-    Cluster, DEADLINE, frame_read, frame_write, get, metric, poll_until, topology_text,
+    Cluster, DEADLINE, frame_read, frame_write, get, get_json, get_text, metric, poll_until,
+    topology_text,
 };
 use serde_json::{Value, json};
 
@@ -110,14 +111,7 @@ async fn three_regions_converge_under_concurrent_writes() {
     }
     // Status shows every peer connected; lag figures exist for the links that delivered changes
     // first (a change may arrive directly or relayed by the third region, whichever is sooner).
-    let status: Value = client
-        .get(cluster.url(0, "/v1/status"))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
+    let status: Value = get_json(&client, cluster.url(0, "/v1/status")).await;
     let peers = status["peers"].as_array().expect("peers");
     for peer in peers {
         assert_eq!(peer["connected"], json!(true), "{peer}");
@@ -126,14 +120,9 @@ async fn three_regions_converge_under_concurrent_writes() {
         peers.iter().any(|p| p["lag_ms"].as_u64().is_some()),
         "{status}"
     );
-    let metrics = client
-        .get(cluster.url(0, "/metrics"))
-        .send()
+    let metrics = get_text(&client, cluster.url(0, "/metrics"))
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+        .unwrap_or_default();
     assert!(
         ["us-east", "ap-south"].iter().any(|r| metric(
             &metrics,
@@ -215,14 +204,7 @@ async fn a_node_with_a_certificate_from_another_ca_gets_nothing() {
         !leaked,
         "data crossed between trusted nodes and the foreign node"
     );
-    let status: Value = client
-        .get(cluster.url(0, "/v1/status"))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
+    let status: Value = get_json(&client, cluster.url(0, "/v1/status")).await;
     let peer = status["peers"]
         .as_array()
         .expect("peers")
@@ -284,21 +266,13 @@ async fn a_restarted_node_resumes_without_a_full_resend() {
         poll_until(DEADLINE, || {
             let (c, a) = (client.clone(), a.clone());
             async move {
-                let t = c
-                    .get(format!("{a}/metrics"))
-                    .send()
+                let text = get_text(&c, format!("{a}/metrics"))
                     .await
-                    .ok()
-                    .map(|r| r.text());
-                match t {
-                    Some(t) => {
-                        metric(
-                            &t.await.unwrap_or_default(),
-                            "meridian_replication_changes_sent_total{peer_region=\"us-east\"}",
-                        ) == Some(200.0)
-                    }
-                    None => false,
-                }
+                    .unwrap_or_default();
+                metric(
+                    &text,
+                    "meridian_replication_changes_sent_total{peer_region=\"us-east\"}",
+                ) == Some(200.0)
             }
         })
         .await,
@@ -321,14 +295,9 @@ async fn a_restarted_node_resumes_without_a_full_resend() {
         "backlog did not replicate after restart; log:\n{}",
         cluster.log(1)
     );
-    let metrics_b = client
-        .get(format!("{b}/metrics"))
-        .send()
+    let metrics_b = get_text(&client, format!("{b}/metrics"))
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+        .unwrap_or_default();
     assert_eq!(
         metric(
             &metrics_b,
@@ -337,33 +306,20 @@ async fn a_restarted_node_resumes_without_a_full_resend() {
         Some(50.0),
         "the restarted node applied only the 50 changes it lacked"
     );
-    let metrics_a = client
-        .get(format!("{a}/metrics"))
-        .send()
+    let metrics_a = get_text(&client, format!("{a}/metrics"))
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+        .unwrap_or_default();
     assert!(
         poll_until(DEADLINE, || {
             let (c, a) = (client.clone(), a.clone());
             async move {
-                let t = c
-                    .get(format!("{a}/metrics"))
-                    .send()
+                let text = get_text(&c, format!("{a}/metrics"))
                     .await
-                    .ok()
-                    .map(|r| r.text());
-                match t {
-                    Some(t) => {
-                        metric(
-                            &t.await.unwrap_or_default(),
-                            "meridian_replication_changes_sent_total{peer_region=\"us-east\"}",
-                        ) == Some(250.0)
-                    }
-                    None => false,
-                }
+                    .unwrap_or_default();
+                metric(
+                    &text,
+                    "meridian_replication_changes_sent_total{peer_region=\"us-east\"}",
+                ) == Some(250.0)
             }
         })
         .await,
@@ -509,14 +465,7 @@ async fn changes_are_relayed_when_the_direct_link_is_cut() {
         cluster.log(2)
     );
     // The direct links really are down.
-    let status: Value = client
-        .get(format!("{eu}/v1/status"))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
+    let status: Value = get_json(&client, format!("{eu}/v1/status")).await;
     let ap_peer = status["peers"]
         .as_array()
         .expect("peers")
@@ -587,14 +536,7 @@ async fn changes_stamped_beyond_the_drift_are_held_then_applied_and_others_keep_
     })
     .await;
     assert!(held, "no drift refusal counted; log:\n{}", cluster.log(1));
-    let status: Value = client
-        .get(format!("{us}/v1/status"))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
+    let status: Value = get_json(&client, format!("{us}/v1/status")).await;
     let refusals: u64 = status["peers"]
         .as_array()
         .expect("peers")
