@@ -648,14 +648,20 @@ via = "127.0.0.1:{via2}"
         eu.log_text(),
         us.log_text()
     );
-    // It really went through the emulator.
-    let links = emu.links();
-    assert_eq!(links.len(), 2);
-    for l in &links {
-        assert!(
-            l.forward.counters.forwarded > 0 && l.reverse.counters.forwarded > 0,
-            "{l:?}"
-        );
+    // It really went through the emulator: both dial paths carry traffic both ways once each
+    // node's subscription is up (the second may still be backing off when the first delivers).
+    assert_eq!(emu.links().len(), 2);
+    let start = Instant::now();
+    loop {
+        let links = emu.links();
+        let both_ways = links
+            .iter()
+            .all(|l| l.forward.counters.forwarded > 0 && l.reverse.counters.forwarded > 0);
+        if both_ways {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{links:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Partition both links, both directions.
