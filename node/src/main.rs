@@ -40,6 +40,10 @@ enum Command {
         /// negative), to inject clock skew in partition tests.
         #[arg(long, allow_hyphen_values = true, default_value_t = 0)]
         test_clock_offset_ms: i64,
+        /// TEST ONLY: serve `PUT /v1/test/clock-offset` (body `{"offset_ms": N}`), which changes
+        /// the wall-clock offset of the running node (the partition suite's skew nemesis).
+        #[arg(long)]
+        test_clock_control: bool,
         /// Delete at start every record, log entry and kept-aside change that the topology's
         /// residency rules do not allow in this node's region (the report goes to stderr).
         /// Without it, a node holding such data refuses to start.
@@ -216,15 +220,25 @@ fn main() -> ExitCode {
             node,
             data_dir,
             test_clock_offset_ms,
+            test_clock_control,
             purge_disallowed,
         } => serve(
             &topology,
             &node,
             data_dir,
-            test_clock_offset_ms,
+            TestClock {
+                offset_ms: test_clock_offset_ms,
+                control: test_clock_control,
+            },
             purge_disallowed,
         ),
     }
+}
+
+/// The test-only clock options of `serve`.
+struct TestClock {
+    offset_ms: i64,
+    control: bool,
 }
 
 fn load_topology(path: &std::path::Path) -> Result<Topology, ExitCode> {
@@ -241,9 +255,10 @@ fn serve(
     topology_path: &std::path::Path,
     node_id: &str,
     data_dir: Option<PathBuf>,
-    test_clock_offset_ms: i64,
+    test_clock: TestClock,
     purge_disallowed: bool,
 ) -> ExitCode {
+    let test_clock_offset_ms = test_clock.offset_ms;
     let topology = match load_topology(topology_path) {
         Ok(t) => Arc::new(t),
         Err(code) => return code,
@@ -291,6 +306,7 @@ fn serve(
             listener,
             server::NodeOptions {
                 purge_disallowed,
+                test_clock_control: test_clock.control,
                 ..server::NodeOptions::default()
             },
             server::shutdown_signal(),

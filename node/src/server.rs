@@ -49,6 +49,9 @@ pub struct NodeOptions {
     /// Delete at start what the residency policy does not allow in this node's region,
     /// instead of refusing to start (`meridian serve --purge-disallowed`).
     pub purge_disallowed: bool,
+    /// TEST ONLY (`meridian serve --test-clock-control`): serve `PUT /v1/test/clock-offset`,
+    /// which skews this process's wall clock while it runs (the partition suite's clock nemesis).
+    pub test_clock_control: bool,
 }
 
 /// Open the data directory and start the engine (and its writer thread).
@@ -88,6 +91,7 @@ pub async fn run(
         None
     };
     let peer_addr = topology.node(node_id).map(|n| n.peer);
+    let test_clock_control = options.test_clock_control;
     let (engine, writer) = open(topology, node_id, data_dir, options)?;
     let span = tracing::info_span!("node", node = %engine.node_id, region = %engine.region);
     let local = listener.local_addr().map_err(ServeError::Http)?;
@@ -99,7 +103,12 @@ pub async fn run(
             "node serving"
         );
     });
-    let app = crate::api::router(engine.clone()).layer(axum::middleware::from_fn({
+    let mut app = crate::api::router(engine.clone());
+    if test_clock_control {
+        tracing::warn!("TEST ONLY: PUT /v1/test/clock-offset can skew this node's wall clock");
+        app = crate::api::test_clock_router().merge(app);
+    }
+    let app = app.layer(axum::middleware::from_fn({
         let span = span.clone();
         move |req: axum::extract::Request, next: axum::middleware::Next| {
             let span = span.clone();

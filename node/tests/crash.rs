@@ -239,3 +239,84 @@ async fn a_data_directory_refuses_to_start_as_another_node() {
     let log = wrong.log_text();
     assert!(log.contains("belongs to node \"eu-1\""), "log:\n{log}");
 }
+
+/// The version's physical part in milliseconds since the Unix epoch (`{16 hex NTP64}-{node}`).
+fn version_time_ms(version: &str) -> u64 {
+    let (hex, _) = version.split_once('-').expect("version has a node part");
+    let ntp = u64::from_str_radix(hex, 16).expect("hex time");
+    // NTP64: seconds in the high 32 bits, fraction in the low 32.
+    (ntp >> 32) * 1000 + (((ntp & 0xFFFF_FFFF) * 1000) >> 32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_clock_control_skews_a_running_node_and_versions_still_grow() {
+    let s = setup();
+    let client = Client::new();
+    let node = start(&s, &["--test-clock-control"]).await;
+    let put = |key: &'static str| {
+        let client = client.clone();
+        let url = node.url(&format!("/v1/kv/{key}"));
+        async move {
+            let v: Value = client
+                .put(url)
+                .json(&json!({"k": key}))
+                .send()
+                .await
+                .expect("put")
+                .json()
+                .await
+                .expect("json");
+            v["version"].as_str().expect("version").to_string()
+        }
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis() as u64
+    };
+    let set = |offset: Value| {
+        client
+            .put(node.url("/v1/test/clock-offset"))
+            .json(&json!({ "offset_ms": offset }))
+            .send()
+    };
+    let before = put("a").await;
+    assert!(version_time_ms(&before) < now_ms() + 60_000, "{before}");
+
+    let r = set(json!(3_600_000)).await.expect("set offset");
+    assert_eq!(r.status(), 200);
+    let ahead = put("b").await;
+    let ahead_ms = version_time_ms(&ahead);
+    assert!(
+        ahead_ms > now_ms() + 3_500_000,
+        "a write after +1 h skew is stamped an hour ahead: {ahead}"
+    );
+    assert!(ahead > before);
+
+    // Back to the true time: the HLC does not go back.
+    assert_eq!(set(json!(0)).await.expect("set").status(), 200);
+    let after = put("c").await;
+    assert!(after > ahead, "{after} must exceed {ahead}");
+
+    // Bad bodies are refused and change nothing.
+    for bad in [json!("soon"), json!(100_000_000_000i64)] {
+        let r = set(bad.clone()).await.expect("set");
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    let last = put("d").await;
+    assert!(last > after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_flag_the_test_clock_control_does_not_exist() {
+    let s = setup();
+    let node = start(&s, &[]).await;
+    let r = Client::new()
+        .put(node.url("/v1/test/clock-offset"))
+        .json(&json!({"offset_ms": 1000}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 404);
+}

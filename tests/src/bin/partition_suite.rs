@@ -148,7 +148,7 @@ impl Op {
     }
 }
 
-const NEMESES: [&str; 9] = [
+const NEMESES: [&str; 11] = [
     "none",
     "isolate",
     "halves",
@@ -158,7 +158,12 @@ const NEMESES: [&str; 9] = [
     "latency-loss",
     "kill-restart",
     "pause",
+    "skew-within",
+    "skew-beyond",
 ];
+
+/// The topology's `[clock] max_drift_ms` (tests/src/lib.rs writes 500).
+const MAX_DRIFT_MS: i64 = 500;
 
 struct Shared {
     start: Instant,
@@ -293,8 +298,8 @@ async fn workload(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(op);
-        // ~25 operations per second per region when the node answers quickly.
-        tokio::time::sleep(rng.range_ms(20, 60)).await;
+        // ~40 operations per second per region when the node answers quickly.
+        tokio::time::sleep(rng.range_ms(10, 40)).await;
     }
 }
 
@@ -346,6 +351,10 @@ struct Runner {
     regions: Vec<String>,
     client: reqwest::Client,
     log: Vec<String>,
+    /// Every fault applied, by name, in order.
+    applied: Vec<&'static str>,
+    /// A nemesis that could not be applied (a violation: the run did not test what it claims).
+    problems: Vec<String>,
 }
 
 impl Runner {
@@ -357,11 +366,10 @@ impl Runner {
 
     async fn restart(&mut self, i: usize, offset_ms: i64) {
         let offset = offset_ms.to_string();
-        let extra: Vec<&str> = if offset_ms != 0 {
-            vec!["--test-clock-offset-ms", &offset]
-        } else {
-            vec![]
-        };
+        let mut extra = vec!["--test-clock-control"];
+        if offset_ms != 0 {
+            extra.extend(["--test-clock-offset-ms", &offset]);
+        }
         let topo = self.links_topology.clone();
         self.cluster.start_with(i, &topo, &extra);
         self.cluster.wait_ready(i, &self.client).await;
@@ -372,6 +380,7 @@ impl Runner {
         let n = self.ids.len();
         let hold = rng.range_ms(2500, 4000);
         let name = NEMESES[which];
+        self.applied.push(name);
         let ids = self.ids.clone();
         let what = match name {
             "isolate" => {
@@ -488,6 +497,46 @@ impl Runner {
                 self.note(shared, format!("heal: SIGCONT {}", self.regions[r]));
                 return;
             }
+            "skew-within" | "skew-beyond" => {
+                let r = rng.below(n);
+                let magnitude = if name == "skew-within" {
+                    100 + rng.below(300) as i64
+                } else {
+                    3 * MAX_DRIFT_MS + rng.below(2000) as i64
+                };
+                let offset = if rng.below(2) == 0 {
+                    magnitude
+                } else {
+                    -magnitude
+                };
+                if !self.set_clock_offset(r, offset).await {
+                    self.problems.push(format!(
+                        "the clock of {} could not be skewed",
+                        self.regions[r]
+                    ));
+                }
+                shared.nemesis.store(which, Ordering::SeqCst);
+                self.note(
+                    shared,
+                    format!(
+                        "nemesis clock skew {offset:+} ms on {} (max drift {MAX_DRIFT_MS} ms) for {hold:?}",
+                        self.regions[r]
+                    ),
+                );
+                tokio::time::sleep(hold).await;
+                if !self.set_clock_offset(r, 0).await {
+                    self.problems.push(format!(
+                        "the clock of {} could not be set back",
+                        self.regions[r]
+                    ));
+                }
+                shared.nemesis.store(0, Ordering::SeqCst);
+                self.note(
+                    shared,
+                    format!("heal: clock of {} back to true time", self.regions[r]),
+                );
+                return;
+            }
             _ => return,
         };
         shared.nemesis.store(which, Ordering::SeqCst);
@@ -496,6 +545,16 @@ impl Runner {
         heal(em);
         shared.nemesis.store(0, Ordering::SeqCst);
         self.note(shared, "heal".to_string());
+    }
+
+    /// Skews node `i`'s wall clock through its test-only clock control; false if it refused.
+    async fn set_clock_offset(&self, i: usize, offset_ms: i64) -> bool {
+        self.client
+            .put(self.cluster.url(i, "/v1/test/clock-offset"))
+            .json(&json!({ "offset_ms": offset_ms }))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
     }
 
     async fn peers_connected(&self, i: usize) -> bool {
@@ -841,7 +900,7 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
     .expect("start the link emulator");
     let em = emulator.handle();
     for i in 0..n {
-        cluster.start_with(i, &links_topology, &[]);
+        cluster.start_with(i, &links_topology, &["--test-clock-control"]);
     }
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
@@ -856,6 +915,8 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
         regions: regions.clone(),
         client: client.clone(),
         log: Vec::new(),
+        applied: Vec::new(),
+        problems: Vec::new(),
     };
     for i in 0..n {
         runner.cluster.wait_ready(i, &client).await;
@@ -897,7 +958,11 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
     let faulty = Duration::from_secs(args.duration_secs);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut order: Vec<usize> = Vec::new();
-    while shared.start.elapsed() + Duration::from_secs(4) < faulty {
+    // The first full cycle always runs, whatever the duration: every kind of fault is
+    // exercised at least once in every run.
+    let mut first_cycle_left = NEMESES.len() - 1;
+    while first_cycle_left > 0 || shared.start.elapsed() + Duration::from_secs(4) < faulty {
+        first_cycle_left = first_cycle_left.saturating_sub(1);
         if order.is_empty() {
             order = (1..NEMESES.len()).collect();
             for i in (1..order.len()).rev() {
@@ -933,6 +998,9 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
 
     // Convergence.
     let mut report = Report::default();
+    for p in std::mem::take(&mut runner.problems) {
+        report.violation(p);
+    }
     let mut converged_after: Option<Duration> = None;
     let mut last_problems = Vec::new();
     let mut snaps: Vec<BTreeMap<String, Value>> = Vec::new();
@@ -1098,6 +1166,7 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
         "counters": counters,
         "residency_audits": audits,
         "panics": panics,
+        "faults": fault_counts(&runner.applied),
         "nemesis_log": runner.log,
         "violations": report.violations,
     });
@@ -1105,13 +1174,20 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
         out.join("summary.json"),
         serde_json::to_string_pretty(&summary).unwrap_or_default(),
     );
-    let row = |k: &str, v: String| println!("| {k:<34} | {v:>22} |");
-    println!("\n+------------------------------------+------------------------+");
+    let row = |k: &str, v: String| println!("| {k:<36} | {v:>22} |");
+    println!("\n+--------------------------------------+------------------------+");
     row("seed", seed.to_string());
     row(
         "operations (ok / fail / unknown)",
         format!("{} ({oks}/{fails}/{unknowns})", history.len()),
     );
+    row("faults (partitions/kill/pause/skew)", {
+        let c = fault_counts(&runner.applied);
+        format!(
+            "{}/{}/{}/{}",
+            c["partitions"], c["kill-restart"], c["pause"], c["skew"]
+        )
+    });
     row("acknowledged writes lost", lost.to_string());
     row(
         "convergence after final heal",
@@ -1135,9 +1211,23 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
     );
     row("panics in node logs", panics.to_string());
     row("violations", report.violations.len().to_string());
-    println!("+------------------------------------+------------------------+");
+    println!("+--------------------------------------+------------------------+");
     drop(emulator);
     report.violations.is_empty()
+}
+
+/// How many faults of each family ran (partitions count every kind of link cut).
+fn fault_counts(applied: &[&str]) -> Value {
+    let count = |f: &dyn Fn(&str) -> bool| applied.iter().filter(|a| f(a)).count();
+    json!({
+        "partitions": count(&|a| matches!(a, "isolate" | "halves" | "bridge" | "one-way" | "flapping")),
+        "latency-loss": count(&|a| a == "latency-loss"),
+        "kill-restart": count(&|a| a == "kill-restart"),
+        "pause": count(&|a| a == "pause"),
+        "skew": count(&|a| a.starts_with("skew")),
+        "skew-beyond-drift": count(&|a| a == "skew-beyond"),
+        "all": applied,
+    })
 }
 
 fn ids_of(r: &Runner) -> &[String] {
