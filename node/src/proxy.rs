@@ -1,6 +1,9 @@
 //! The link emulator (`meridian proxy`, issue 5 item 1): a user-space UDP relay that injects
 //! one-way delay, jitter, loss, duplication, reordering and partitions on the links a topology
-//! routes through it (`[[links]] via`).
+//! routes through it (`[[links]] via`). The same emulator also relays TCP
+//! ([`Emulator::start_tcp_links`]), so that a benchmark can put another system's TCP peer links
+//! (etcd) behind the same per-link, per-direction settings as Meridian's QUIC links; see there
+//! for what each setting means on a byte stream.
 //!
 //! For every link, the [`Emulator`] listens on `via` and relays to the `to` node's peer
 //! address, in both directions: datagrams from a client (the dialling node) go *forward* to the
@@ -16,6 +19,9 @@
 //! `tokio::time::sleep_until`), never one task per datagram; beyond the bound they are dropped
 //! and counted.
 //!
+//! TCP links have no such scheduler: every connection relays its two directions itself, in
+//! order, with at most [`TCP_MAX_HELD_BYTES`] held per direction before it stops reading.
+//!
 //! A small HTTP control API ([`control_router`]) reads and changes the settings:
 //! `GET /links`, `PUT /links/{from}/{to}`, `PUT /links`, `GET /healthz`. The CLI's
 //! `meridian proxy set` talks to it with the tiny HTTP/1.1 client [`control_request`].
@@ -25,8 +31,8 @@ use std::collections::{BinaryHeap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Deref;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -36,9 +42,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -54,6 +60,17 @@ const HANDOFF_CAPACITY: usize = 1_024;
 const MAX_CONTROL_RESPONSE: u64 = 8 * 1024 * 1024;
 /// Timeout of one control request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes a TCP connection may hold per direction (read, not yet delivered) before the relay
+/// stops reading from the source: the sender then sees TCP backpressure instead of the emulator
+/// growing without bound while a direction is down or slow.
+pub const TCP_MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
+/// Largest single read from a TCP source, so one chunk never needs more than this of the budget.
+const TCP_READ_BYTES: usize = 64 * 1024;
+/// Chunks a TCP connection may hold per direction: many tiny writes must not cost more
+/// bookkeeping than the byte budget suggests.
+const TCP_MAX_HELD_CHUNKS: usize = 16_384;
+/// How long the relay waits for the upstream to accept a TCP connection.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Typed errors of the emulator, its control API and its client.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +132,8 @@ pub struct Impairment {
     /// Probability (0..=1) that a datagram is held back by an extra random delay of 1 ms up to
     /// `max(delay_ms, 10)` ms, so that later datagrams overtake it.
     pub reorder: f64,
-    /// Drop everything (a partition of this direction).
+    /// Drop everything (a partition of this direction). On TCP links bytes are held instead,
+    /// see [`Emulator::start_tcp_links`].
     pub down: bool,
 }
 
@@ -249,6 +267,7 @@ enum Dir {
 struct Counters {
     packets_in: AtomicU64,
     forwarded: AtomicU64,
+    bytes_forwarded: AtomicU64,
     dropped_loss: AtomicU64,
     dropped_down: AtomicU64,
     dropped_queue_full: AtomicU64,
@@ -261,13 +280,18 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Counters of one direction of one link.
+/// Counters of one direction of one link. On TCP links a "datagram" is a chunk: what one read
+/// from the source returned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterSnapshot {
     /// Datagrams received for this direction.
     pub packets_in: u64,
     /// Datagrams sent on (duplicates included).
     pub forwarded: u64,
+    /// Payload bytes delivered (duplicates included; UDP and TCP alike). Defaulted when absent
+    /// so a newer `meridian proxy set` still reads an older emulator's answers.
+    #[serde(default)]
+    pub bytes_forwarded: u64,
     /// All drops: `dropped_loss + dropped_down + dropped_queue_full`.
     pub dropped: u64,
     pub dropped_loss: u64,
@@ -292,6 +316,7 @@ impl Counters {
         CounterSnapshot {
             packets_in: get(&self.packets_in),
             forwarded: get(&self.forwarded),
+            bytes_forwarded: get(&self.bytes_forwarded),
             dropped: loss + down + full,
             dropped_loss: loss,
             dropped_down: down,
@@ -304,25 +329,26 @@ impl Counters {
 }
 
 struct DirState {
-    settings: Mutex<Impairment>,
+    /// A watch rather than a plain lock so that TCP relays holding bytes for a downed direction
+    /// wake up when it comes back instead of polling.
+    settings: watch::Sender<Impairment>,
     counters: Counters,
 }
 
 impl DirState {
     fn new() -> Self {
         DirState {
-            settings: Mutex::new(Impairment::default()),
+            settings: watch::Sender::new(Impairment::default()),
             counters: Counters::default(),
         }
     }
 
     fn settings(&self) -> Impairment {
-        *self.settings.lock().unwrap_or_else(|e| e.into_inner())
+        *self.settings.borrow()
     }
 
     fn update(&self, update: &SettingsUpdate) {
-        let mut s = self.settings.lock().unwrap_or_else(|e| e.into_inner());
-        *s = update.apply_to(*s);
+        self.settings.send_modify(|s| *s = update.apply_to(*s));
     }
 
     fn view(&self) -> DirectionView {
@@ -345,6 +371,23 @@ struct LinkState {
 }
 
 impl LinkState {
+    fn new(spec: LinkSpec, via: SocketAddr) -> LinkState {
+        LinkState {
+            from: spec.from,
+            to: spec.to,
+            via,
+            upstream: spec.upstream,
+            forward: DirState::new(),
+            reverse: DirState::new(),
+            clients: AtomicU64::new(0),
+            clients_evicted: AtomicU64::new(0),
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("{} -> {}", self.from, self.to)
+    }
+
     fn dir(&self, dir: Dir) -> &DirState {
         match dir {
             Dir::Forward => &self.forward,
@@ -391,8 +434,10 @@ pub struct LinkInfo {
     pub via: SocketAddr,
     /// Where it relays to: the `to` node's peer address.
     pub upstream: SocketAddr,
-    /// Client addresses with an upstream socket now.
+    /// Client addresses with an upstream socket now (TCP: open connections).
     pub clients: u64,
+    /// Clients that lost their upstream socket to make room or for idleness (TCP: connections
+    /// closed at once because `max_clients_per_link` were already open).
     pub clients_evicted: u64,
     /// Client (`from`) to server (`to`).
     pub forward: DirectionView,
@@ -407,7 +452,7 @@ impl LinkInfo {
             let s = &d.settings;
             let c = &d.counters;
             format!(
-                "  {name:<7} {state} delay {}ms jitter {}ms loss {} duplicate {} reorder {} | in {} forwarded {} dropped {} (loss {}, down {}, queue full {}) duplicated {} queued {}",
+                "  {name:<7} {state} delay {}ms jitter {}ms loss {} duplicate {} reorder {} | in {} forwarded {} ({} bytes) dropped {} (loss {}, down {}, queue full {}) duplicated {} queued {}",
                 s.delay_ms,
                 s.jitter_ms,
                 s.loss,
@@ -415,6 +460,7 @@ impl LinkInfo {
                 s.reorder,
                 c.packets_in,
                 c.forwarded,
+                c.bytes_forwarded,
                 c.dropped,
                 c.dropped_loss,
                 c.dropped_down,
@@ -585,7 +631,10 @@ async fn run_scheduler(
                     let Some(Reverse(entry)) = heap.pop() else { break };
                     let item = entry.item;
                     match item.socket.send_to(&item.data, item.dest).await {
-                        Ok(_) => bump(&counters.forwarded),
+                        Ok(sent_bytes) => {
+                            bump(&counters.forwarded);
+                            counters.bytes_forwarded.fetch_add(sent_bytes as u64, Ordering::Relaxed);
+                        }
                         Err(e) => {
                             bump(&counters.send_errors);
                             tracing::debug!(link = %format!("{} -> {}", link.from, link.to), dest = %item.dest, error = %e, "relay send failed");
@@ -828,16 +877,282 @@ async fn run_upstream(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The TCP relay: one accept task per link, one task per connection relaying both directions
+
+/// Bytes read from a TCP source, waiting for their delivery time. Counted in `queued` for as
+/// long as it exists, so chunks discarded with a broken connection leave the gauge right.
+struct HeldChunk<'a> {
+    at: Instant,
+    data: Vec<u8>,
+    queued: &'a AtomicU64,
+}
+
+impl<'a> HeldChunk<'a> {
+    fn new(at: Instant, data: Vec<u8>, queued: &'a AtomicU64) -> HeldChunk<'a> {
+        queued.fetch_add(1, Ordering::Relaxed);
+        HeldChunk { at, data, queued }
+    }
+}
+
+impl Drop for HeldChunk<'_> {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one direction of a TCP connection ended.
+#[derive(Debug)]
+enum TcpDirEnd {
+    /// The source closed; everything read was delivered and the destination was shut down.
+    Closed,
+    /// Reading the source failed; everything read before was delivered and the destination
+    /// was shut down.
+    ReadFailed(std::io::Error),
+    /// Writing to the destination failed; what was still held is lost with the connection.
+    WriteFailed(std::io::Error),
+    /// Shutting the destination down after the source closed failed.
+    ShutdownFailed(std::io::Error),
+}
+
+impl std::fmt::Display for TcpDirEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TcpDirEnd::Closed => f.write_str("closed by the source"),
+            TcpDirEnd::ReadFailed(e) => write!(f, "reading the source failed: {e}"),
+            TcpDirEnd::WriteFailed(e) => write!(f, "writing to the destination failed: {e}"),
+            TcpDirEnd::ShutdownFailed(e) => {
+                write!(f, "shutting the destination down failed: {e}")
+            }
+        }
+    }
+}
+
+/// When a chunk read now is delivered: `hold` later, but never before the previous chunk,
+/// because a byte stream cannot let jitter reorder it.
+fn tcp_delivery_time(now: Instant, hold: Duration, previous: Option<Instant>) -> Instant {
+    let at = now + hold;
+    match previous {
+        Some(p) if p > at => p,
+        _ => at,
+    }
+}
+
+/// Relays `src` to `dst` for direction `dir` of `link` until the source closes (then the
+/// destination is shut down once everything read has been delivered) or the destination fails.
+async fn tcp_direction<R, W>(
+    link: &LinkState,
+    dir: Dir,
+    mut src: R,
+    mut dst: W,
+    mut rng: Rng,
+) -> TcpDirEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let state = link.dir(dir);
+    let counters = &state.counters;
+    // The byte budget: the reader takes a whole read's worth before reading (and gives back
+    // what the read did not fill), the writer gives back what it delivered.
+    let budget = Semaphore::new(TCP_MAX_HELD_BYTES);
+    let budget = &budget;
+    let (tx, mut rx) = mpsc::channel::<HeldChunk<'_>>(TCP_MAX_HELD_CHUNKS);
+    let read_permits = u32::try_from(TCP_READ_BYTES).unwrap_or(u32::MAX);
+
+    // Owns `tx`, so the writer sees the end of the channel exactly when reading has ended.
+    let reader = async move {
+        let mut buf = vec![0u8; TCP_READ_BYTES];
+        let mut previous: Option<Instant> = None;
+        loop {
+            match budget.acquire_many(read_permits).await {
+                Ok(permit) => permit.forget(),
+                // The semaphore is never closed; treat it like a closed source all the same.
+                Err(_) => return None,
+            }
+            let read_bytes = match src.read(&mut buf).await {
+                Ok(0) => return None,
+                Ok(n) => n,
+                Err(e) => return Some(e),
+            };
+            budget.add_permits(TCP_READ_BYTES - read_bytes);
+            bump(&counters.packets_in);
+            // Loss, duplication and reordering have no meaning on a byte stream.
+            let settings = Impairment {
+                reorder: 0.0,
+                ..state.settings()
+            };
+            let at = tcp_delivery_time(Instant::now(), hold_time(&settings, &mut rng), previous);
+            previous = Some(at);
+            let chunk = HeldChunk::new(at, buf[..read_bytes].to_vec(), &counters.queued);
+            if tx.send(chunk).await.is_err() {
+                // The writer gave up on the destination: nothing more to read for.
+                return None;
+            }
+        }
+    };
+
+    let writer = async {
+        let mut settings = state.settings.subscribe();
+        while let Some(chunk) = rx.recv().await {
+            // Skipping the timer when the time has come keeps a zero delay at zero: a timer
+            // entry would wait for the driver's next millisecond tick.
+            if chunk.at > Instant::now() {
+                tokio::time::sleep_until(chunk.at).await;
+            }
+            // A downed direction holds its bytes, like a cut cable under TCP retransmission.
+            if settings.wait_for(|s| !s.down).await.is_err() {
+                // The settings live as long as the link, which outlives this relay.
+                return Err(TcpDirEnd::WriteFailed(std::io::Error::other(
+                    "the link's settings are gone",
+                )));
+            }
+            if let Err(e) = dst.write_all(&chunk.data).await {
+                bump(&counters.send_errors);
+                return Err(TcpDirEnd::WriteFailed(e));
+            }
+            bump(&counters.forwarded);
+            counters
+                .bytes_forwarded
+                .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+            budget.add_permits(chunk.data.len());
+        }
+        dst.shutdown().await.map_err(TcpDirEnd::ShutdownFailed)
+    };
+
+    tokio::pin!(reader, writer);
+    tokio::select! {
+        read_error = &mut reader => {
+            let shut = writer.await;
+            match (read_error, shut) {
+                (_, Err(end)) => end,
+                (Some(e), Ok(())) => TcpDirEnd::ReadFailed(e),
+                (None, Ok(())) => TcpDirEnd::Closed,
+            }
+        }
+        // The writer only finishes first when the destination failed; the reader is dropped
+        // with whatever it was waiting for.
+        written = &mut writer => match written {
+            Err(end) => end,
+            Ok(()) => TcpDirEnd::Closed,
+        },
+    }
+}
+
+/// Relays one accepted connection: connects to the upstream, then both directions until both
+/// have ended.
+async fn run_tcp_connection(link: Arc<LinkState>, client: TcpStream, peer: SocketAddr, seed: u64) {
+    let link_name = link.name();
+    let upstream = match tokio::time::timeout(
+        TCP_CONNECT_TIMEOUT,
+        TcpStream::connect(link.upstream),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            bump(&link.forward.counters.send_errors);
+            tracing::info!(link = %link_name, %peer, upstream = %link.upstream, error = %e, "cannot connect to the upstream; closing the client connection");
+            return;
+        }
+        Err(_) => {
+            bump(&link.forward.counters.send_errors);
+            tracing::info!(link = %link_name, %peer, upstream = %link.upstream, timeout_s = TCP_CONNECT_TIMEOUT.as_secs(), "the upstream did not accept in time; closing the client connection");
+            return;
+        }
+    };
+    // Without TCP_NODELAY, Nagle's algorithm would add its own delay to small chunks and
+    // distort the emulated latency.
+    for (side, stream) in [("client", &client), ("upstream", &upstream)] {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(link = %link_name, %peer, side, error = %e, "cannot set TCP_NODELAY");
+        }
+    }
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+    let mut seeds = Rng::new(seed);
+    let (forward, reverse) = tokio::join!(
+        tcp_direction(
+            &link,
+            Dir::Forward,
+            client_read,
+            upstream_write,
+            Rng::new(seeds.next_u64()),
+        ),
+        tcp_direction(
+            &link,
+            Dir::Reverse,
+            upstream_read,
+            client_write,
+            Rng::new(seeds.next_u64()),
+        ),
+    );
+    tracing::debug!(link = %link_name, %peer, %forward, %reverse, "relayed TCP connection ended");
+}
+
+/// Accepts connections on `listener` for `link` until aborted; the connections are aborted
+/// with it (they live in this task's `JoinSet`).
+async fn run_tcp_listener(
+    link: Arc<LinkState>,
+    listener: TcpListener,
+    options: EmulatorOptions,
+    seed: u64,
+) {
+    let mut connections: JoinSet<()> = JoinSet::new();
+    let mut seeds = Rng::new(seed);
+    let max_connections = options.max_clients_per_link.max(1);
+    let link_name = link.name();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if connections.len() >= max_connections {
+                        // Turned away rather than evicting a live connection: the client sees
+                        // the connection closed and can retry.
+                        bump(&link.clients_evicted);
+                        tracing::debug!(link = %link_name, %peer, max_connections, "too many relayed TCP connections; closing the new one");
+                        drop(stream);
+                        continue;
+                    }
+                    connections.spawn(run_tcp_connection(
+                        Arc::clone(&link),
+                        stream,
+                        peer,
+                        seeds.next_u64(),
+                    ));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: give the connections time to end.
+                    tracing::debug!(link = %link_name, error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(joined) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = joined
+                    && e.is_panic()
+                {
+                    tracing::warn!(link = %link_name, error = %e, "a TCP relay task panicked");
+                }
+            }
+        }
+        link.clients
+            .store(connections.len() as u64, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The emulator
 
 /// Tunables of an [`Emulator`].
 #[derive(Clone, Copy, Debug)]
 pub struct EmulatorOptions {
-    /// Client addresses with their own upstream socket, per link (default 64).
+    /// Client addresses with their own upstream socket, per link (default 64); for TCP links,
+    /// open connections per link.
     pub max_clients_per_link: usize,
     /// A client silent in both directions this long loses its upstream socket (default 60 s).
+    /// UDP only: TCP connections live until closed.
     pub client_idle: Duration,
     /// Datagrams waiting per link and direction; beyond, they are dropped (default 10,000).
+    /// UDP only: TCP holds at most [`TCP_MAX_HELD_BYTES`] per connection and direction.
     pub queue_capacity: usize,
     /// Seed of the random choices; `None` seeds from the clock.
     pub seed: Option<u64>,
@@ -1007,16 +1322,7 @@ impl Emulator {
         let mut tasks = JoinSet::new();
         let mut links = Vec::with_capacity(bound.len());
         for (spec, socket, via) in bound {
-            let link = Arc::new(LinkState {
-                from: spec.from,
-                to: spec.to,
-                via,
-                upstream: spec.upstream,
-                forward: DirState::new(),
-                reverse: DirState::new(),
-                clients: AtomicU64::new(0),
-                clients_evicted: AtomicU64::new(0),
-            });
+            let link = Arc::new(LinkState::new(spec, via));
             let (forward_tx, forward_rx) = mpsc::channel(HANDOFF_CAPACITY);
             let (reverse_tx, reverse_rx) = mpsc::channel(HANDOFF_CAPACITY);
             let capacity = options.queue_capacity.max(1);
@@ -1041,6 +1347,92 @@ impl Emulator {
                 epoch,
                 seed: seeds.next_u64(),
             }));
+            links.push(link);
+        }
+        Ok(Emulator {
+            handle: EmulatorHandle {
+                links: Arc::new(links),
+            },
+            _tasks: tasks,
+        })
+    }
+
+    /// Starts a TCP relay for each of `specs`: it listens on `via` and, for every accepted
+    /// connection, opens one connection to `upstream` and relays bytes both ways until both
+    /// directions have ended. Same settings and handle as the UDP relays of
+    /// [`Emulator::start_links`]; every `via` is bound before anything runs, so an error leaves
+    /// nothing behind. Dropping the emulator closes every listener and relayed connection.
+    ///
+    /// What the settings mean on a byte stream:
+    ///
+    /// * *Forward* is the accepted client to the upstream, *reverse* the upstream back to the
+    ///   client.
+    /// * `delay_ms` and `jitter_ms`: every chunk read (whatever one read returned, at most
+    ///   64 KiB) is delivered `delay ± jitter` after it was read, but never before the chunk
+    ///   read before it on the same connection and direction: jitter varies the spacing, it
+    ///   never reorders the stream. Changes apply to chunks read afterwards (so after a delay
+    ///   is lowered, new chunks still queue behind the ones already held). Connection
+    ///   establishment itself is not delayed: the relay connects to the upstream as soon as it
+    ///   accepts the client.
+    /// * `down`: the direction stops delivering but keeps every byte, like a cut cable under
+    ///   TCP retransmission; when `down` clears, delivery resumes in order (chunks whose time
+    ///   has passed go at once). Connections accepted while forward is down are still
+    ///   accepted and connected upstream, with their bytes held. A direction holding more
+    ///   than [`TCP_MAX_HELD_BYTES`] for one connection stops reading from its source, so the
+    ///   sender sees TCP backpressure rather than the emulator growing; nothing is dropped.
+    /// * `loss`, `duplicate` and `reorder` do not apply to a byte stream and are ignored
+    ///   (accepted, shown, but without effect), so [`EmulatorHandle::set_all`] can still set
+    ///   them for UDP links.
+    /// * Counters: `packets_in` counts chunks read, `forwarded` chunks delivered,
+    ///   `bytes_forwarded` bytes delivered, `queued` chunks held now, `send_errors` failed
+    ///   writes and failed upstream connects; nothing is ever dropped. `clients` counts open
+    ///   connections: at most [`EmulatorOptions::max_clients_per_link`], a connection beyond
+    ///   that is closed at once and counted in `clients_evicted`. `client_idle` and
+    ///   `queue_capacity` do not apply (connections live until closed; the bound is per
+    ///   connection, above).
+    /// * When a side closes its sending half (or reading from it fails), the other side's
+    ///   sending half is shut down once the bytes already read from it have been delivered;
+    ///   the connection ends when both directions have. A failed write ends that direction at
+    ///   once, dropping what it still held. Each connection logs how it ended once, at debug
+    ///   level; a failed upstream connect is logged at info level.
+    pub async fn start_tcp_links(
+        specs: Vec<LinkSpec>,
+        options: EmulatorOptions,
+    ) -> Result<Emulator, ProxyError> {
+        if specs.is_empty() {
+            return Err(ProxyError::NoLinks);
+        }
+        let mut bound = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let listener = TcpListener::bind(spec.via)
+                .await
+                .and_then(|l| l.local_addr().map(|a| (l, a)));
+            match listener {
+                Ok((listener, via)) => bound.push((spec, listener, via)),
+                Err(source) => {
+                    return Err(ProxyError::Bind {
+                        from: spec.from,
+                        to: spec.to,
+                        via: spec.via,
+                        source,
+                    });
+                }
+            }
+        }
+        let mut seeds = match options.seed {
+            Some(seed) => Rng::new(seed),
+            None => Rng::from_entropy(bound.len() as u64),
+        };
+        let mut tasks = JoinSet::new();
+        let mut links = Vec::with_capacity(bound.len());
+        for (spec, listener, via) in bound {
+            let link = Arc::new(LinkState::new(spec, via));
+            tasks.spawn(run_tcp_listener(
+                Arc::clone(&link),
+                listener,
+                options,
+                seeds.next_u64(),
+            ));
             links.push(link);
         }
         Ok(Emulator {
@@ -1552,6 +1944,115 @@ mod tests {
         }
         let order: Vec<u64> = std::iter::from_fn(|| heap.pop().map(|e| e.0.seq)).collect();
         assert_eq!(order, vec![2, 3, 4, 1]);
+    }
+
+    #[test]
+    fn tcp_chunks_are_never_delivered_before_the_previous_one() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(tcp_delivery_time(now, ms(5), None), now + ms(5));
+        // Jitter drew a shorter hold than the chunk before got: it waits for that one.
+        assert_eq!(
+            tcp_delivery_time(now, ms(5), Some(now + ms(20))),
+            now + ms(20)
+        );
+        assert_eq!(
+            tcp_delivery_time(now, ms(30), Some(now + ms(20))),
+            now + ms(30)
+        );
+    }
+
+    fn test_link() -> Arc<LinkState> {
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        Arc::new(LinkState::new(
+            LinkSpec {
+                from: "a".into(),
+                to: "b".into(),
+                via: addr,
+                upstream: addr,
+            },
+            addr,
+        ))
+    }
+
+    /// A downed direction stops reading at the byte bound (the sender is held back, the relay
+    /// does not grow), then delivers every byte in order once it is up again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_direction_holds_a_bounded_amount_while_down_and_loses_nothing() {
+        const TOTAL_BYTES: usize = 16 * 1024 * 1024;
+        const PIPE_BYTES: usize = 64 * 1024;
+        const WRITE_BYTES: usize = 16 * 1024;
+        let deadline = Duration::from_secs(60);
+        let link = test_link();
+        link.apply(&SettingsUpdate {
+            down: Some(true),
+            ..SettingsUpdate::default()
+        });
+        let (mut source_w, source_r) = tokio::io::duplex(PIPE_BYTES);
+        let (dest_w, mut dest_r) = tokio::io::duplex(PIPE_BYTES);
+        let payload: Vec<u8> = (0..TOTAL_BYTES).map(|i| (i % 251) as u8).collect();
+        let written_bytes = Arc::new(AtomicU64::new(0));
+        let sender = {
+            let payload = payload.clone();
+            let written_bytes = Arc::clone(&written_bytes);
+            tokio::spawn(async move {
+                for piece in payload.chunks(WRITE_BYTES) {
+                    source_w.write_all(piece).await.expect("write the source");
+                    written_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                }
+                source_w.shutdown().await.expect("shut the source down");
+            })
+        };
+        let relay = {
+            let link = Arc::clone(&link);
+            tokio::spawn(async move {
+                tcp_direction(&link, Dir::Forward, source_r, dest_w, Rng::new(3)).await
+            })
+        };
+        // The relay fills its budget (less at most one read's worth) plus the pipe.
+        let start = std::time::Instant::now();
+        let floor = (TCP_MAX_HELD_BYTES - TCP_READ_BYTES - WRITE_BYTES) as u64;
+        while written_bytes.load(Ordering::Relaxed) < floor {
+            assert!(
+                start.elapsed() < deadline,
+                "the relay stopped reading too early"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let written = written_bytes.load(Ordering::Relaxed);
+        assert!(
+            written <= (TCP_MAX_HELD_BYTES + PIPE_BYTES) as u64,
+            "{written} bytes accepted while down: the bound is not applied"
+        );
+        let mut first = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), dest_r.read(&mut first))
+                .await
+                .is_err(),
+            "a byte crossed a downed direction"
+        );
+        assert!(link.forward.counters.snapshot().queued > 0);
+
+        link.apply(&SettingsUpdate {
+            down: Some(false),
+            ..SettingsUpdate::default()
+        });
+        let mut received = Vec::with_capacity(TOTAL_BYTES);
+        tokio::time::timeout(deadline, dest_r.read_to_end(&mut received))
+            .await
+            .expect("everything arrives after the direction is up")
+            .expect("read the destination");
+        assert!(
+            received == payload,
+            "the bytes arrived changed or out of order"
+        );
+        sender.await.expect("sender task");
+        let end = relay.await.expect("relay task");
+        assert!(matches!(end, TcpDirEnd::Closed), "{end}");
+        let c = link.forward.counters.snapshot();
+        assert_eq!(c.bytes_forwarded, TOTAL_BYTES as u64);
+        assert_eq!((c.packets_in, c.queued, c.dropped), (c.forwarded, 0, 0));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The link emulator (`meridian proxy`, issue 5 item 1): UDP relaying through one stable
 //! upstream socket per client, delay, partitions (both and one-way), loss, duplication,
 //! reordering, the control API and CLI, and a real QUIC replication check between two
-//! `meridian serve` nodes whose links go through the emulator.
+//! `meridian serve` nodes whose links go through the emulator. Then TCP relaying
+//! (`Emulator::start_tcp_links`): bytes unchanged both ways, per-direction delay, order kept
+//! under jitter, bytes held (not lost) while down, one-way down, the connection bound.
 //!
 //! Timing assertions are lower bounds only; everything else polls with generous deadlines.
 
@@ -15,7 +17,8 @@ use std::time::{Duration, Instant};
 use meridian_node::proxy::{
     DirectionSel, Emulator, EmulatorOptions, LinkInfo, LinkSpec, SettingsUpdate,
 };
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -161,6 +164,33 @@ async fn relays_both_ways_through_one_stable_upstream_socket_per_client() {
     assert_eq!(info.forward.counters.forwarded, 40);
     assert_eq!(info.reverse.counters.forwarded, 40);
     assert_eq!(info.forward.counters.dropped, 0);
+    // Bytes on the wire, both ways (the reverse count moves just after the answer left).
+    let sent_bytes: u64 = (0..20u32)
+        .flat_map(|i| [format!("one-{i}"), format!("two-{i}")])
+        .map(|m| m.len() as u64)
+        .sum();
+    let start = Instant::now();
+    loop {
+        let info = emu.link("a", "b").expect("link");
+        let (f, r) = (info.forward.counters, info.reverse.counters);
+        if f.bytes_forwarded == sent_bytes && r.bytes_forwarded == sent_bytes {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "bytes forwarded {} / {}, expected {sent_bytes} each way",
+            f.bytes_forwarded,
+            r.bytes_forwarded
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        emu.link("a", "b")
+            .expect("link")
+            .render()
+            .contains(&format!("({sent_bytes} bytes)")),
+        "the rendered link shows the bytes forwarded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,6 +436,20 @@ async fn control_api_reads_changes_and_validates() {
         .expect("json");
     assert_eq!(links.len(), 1);
     assert_eq!((links[0].from.as_str(), links[0].to.as_str()), ("a", "b"));
+    let raw: serde_json::Value = http
+        .get(url("/links/a/b"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    for dir in ["forward", "reverse"] {
+        assert!(
+            raw[dir]["counters"]["bytes_forwarded"].is_u64(),
+            "{dir} counters lack bytes_forwarded: {raw}"
+        );
+    }
     assert_eq!(links[0].upstream, echo.addr);
 
     let r = http
@@ -843,4 +887,404 @@ via = "127.0.0.1:{via}"
         .await
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP links
+
+async fn tcp_emulator_to(upstream: SocketAddr, options: EmulatorOptions) -> Emulator {
+    Emulator::start_tcp_links(
+        vec![LinkSpec {
+            from: "a".into(),
+            to: "b".into(),
+            via: "127.0.0.1:0".parse().expect("addr"),
+            upstream,
+        }],
+        options,
+    )
+    .await
+    .expect("start the TCP emulator")
+}
+
+/// A TCP echo server: echoes every connection until the client closes, then closes.
+async fn tcp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A TCP server whose connections the test drives itself.
+struct TcpUpstream {
+    addr: SocketAddr,
+    accepted: tokio::sync::mpsc::Receiver<TcpStream>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpUpstream {
+    async fn start() -> TcpUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        let (tx, accepted) = tokio::sync::mpsc::channel(16);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if tx.send(stream).await.is_err() {
+                    break;
+                }
+            }
+        });
+        TcpUpstream {
+            addr,
+            accepted,
+            _task: task,
+        }
+    }
+
+    async fn next(&mut self) -> TcpStream {
+        tokio::time::timeout(DEADLINE, self.accepted.recv())
+            .await
+            .expect("the relay connects upstream")
+            .expect("upstream listener running")
+    }
+}
+
+async fn tcp_connect(to: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(to).await.expect("connect to the relay");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+}
+
+async fn read_exactly(stream: &mut TcpStream, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut buf))
+        .await
+        .expect("bytes arrive within the deadline")
+        .expect("read");
+    buf
+}
+
+/// True when nothing at all can be read from `stream` for `wait`.
+async fn silent_for(stream: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 1];
+    tokio::time::timeout(wait, stream.read(&mut buf))
+        .await
+        .is_err()
+}
+
+/// Polls `check` on the link a -> b until it holds (deadline 60 s).
+async fn wait_link(emu: &Emulator, what: &str, check: impl Fn(&LinkInfo) -> bool) -> LinkInfo {
+    let start = Instant::now();
+    loop {
+        let info = emu.link("a", "b").expect("link a -> b");
+        if check(&info) {
+            return info;
+        }
+        assert!(start.elapsed() < DEADLINE, "{what}: {info:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Deterministic, non-repeating-looking bytes, so a shifted or reordered stream cannot match.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_relays_bytes_both_ways_unchanged_and_counts_them() {
+    const LEN_BYTES: usize = 1024 * 1024;
+    let (echo, _echo_task) = tcp_echo().await;
+    let emu = tcp_emulator_to(echo, EmulatorOptions::default()).await;
+    let via = via(&emu);
+    assert_ne!(via.port(), 0, "LinkInfo::via is the bound address");
+    let payload = pattern(LEN_BYTES, 42);
+    let (mut r, mut w) = tcp_connect(via).await.into_split();
+    let sender = {
+        let payload = payload.clone();
+        tokio::spawn(async move {
+            w.write_all(&payload).await.expect("send");
+            // Half-close: the echo's close must come back through the relay.
+            w.shutdown().await.expect("shutdown");
+        })
+    };
+    let mut received = Vec::with_capacity(LEN_BYTES);
+    tokio::time::timeout(DEADLINE, r.read_to_end(&mut received))
+        .await
+        .expect("the echo and its close come back")
+        .expect("read");
+    sender.await.expect("sender");
+    assert_eq!(received.len(), LEN_BYTES);
+    assert!(received == payload, "the bytes came back changed");
+
+    let info = wait_link(&emu, "the connection ends and every byte is counted", |l| {
+        l.clients == 0
+            && l.forward.counters.bytes_forwarded == LEN_BYTES as u64
+            && l.reverse.counters.bytes_forwarded == LEN_BYTES as u64
+    })
+    .await;
+    for c in [info.forward.counters, info.reverse.counters] {
+        assert!(c.packets_in >= 1, "{c:?}");
+        assert_eq!(c.packets_in, c.forwarded, "{c:?}");
+        assert_eq!((c.queued, c.dropped, c.send_errors), (0, 0, 0), "{c:?}");
+    }
+    assert!(
+        info.render().contains(&format!("({LEN_BYTES} bytes)")),
+        "{}",
+        info.render()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_delay_applies_per_direction_and_jitter_keeps_the_order() {
+    let (echo, _echo_task) = tcp_echo().await;
+    let emu = tcp_emulator_to(echo, EmulatorOptions::default()).await;
+    let via = via(&emu);
+    let mut c = tcp_connect(via).await;
+    c.write_all(b"warm").await.expect("send");
+    assert_eq!(read_exactly(&mut c, 4).await, b"warm");
+
+    set(
+        &emu,
+        SettingsUpdate {
+            delay_ms: Some(50),
+            ..SettingsUpdate::default()
+        },
+    );
+    for i in 0..3u8 {
+        let start = Instant::now();
+        c.write_all(&[i]).await.expect("send");
+        assert_eq!(read_exactly(&mut c, 1).await, [i]);
+        let rtt = start.elapsed();
+        assert!(
+            rtt >= Duration::from_millis(100),
+            "round trip {rtt:?} < 2 × 50 ms"
+        );
+    }
+    // Only forward delayed: at least 50 ms.
+    set(
+        &emu,
+        SettingsUpdate {
+            delay_ms: Some(0),
+            direction: Some(DirectionSel::Reverse),
+            ..SettingsUpdate::default()
+        },
+    );
+    let start = Instant::now();
+    c.write_all(b"h").await.expect("send");
+    assert_eq!(read_exactly(&mut c, 1).await, b"h");
+    assert!(start.elapsed() >= Duration::from_millis(50));
+
+    // Jitter as large as the delay: a datagram link would reorder, a byte stream must not.
+    let info = set(
+        &emu,
+        SettingsUpdate {
+            delay_ms: Some(20),
+            jitter_ms: Some(20),
+            ..SettingsUpdate::default()
+        },
+    );
+    let chunks_before = info.forward.counters.packets_in;
+    const COUNT: u32 = 300;
+    let (mut r, mut w) = c.into_split();
+    let sender = tokio::spawn(async move {
+        for i in 0..COUNT {
+            w.write_all(&i.to_be_bytes()).await.expect("send");
+            // Separate segments, so the relay reads (and jitters) many chunks.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        w
+    });
+    let mut back = vec![0u8; COUNT as usize * 4];
+    tokio::time::timeout(DEADLINE, r.read_exact(&mut back))
+        .await
+        .expect("every numbered chunk comes back")
+        .expect("read");
+    let order: Vec<u32> = back
+        .chunks_exact(4)
+        .filter_map(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .collect();
+    assert_eq!(
+        order,
+        (0..COUNT).collect::<Vec<_>>(),
+        "the stream was reordered"
+    );
+    let _w = sender.await.expect("sender");
+    let info = emu.link("a", "b").expect("link");
+    assert!(
+        info.forward.counters.packets_in >= chunks_before + 2,
+        "the relay read the numbers as one chunk, so jitter was not exercised: {info:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_down_holds_bytes_and_delivers_them_when_cleared() {
+    const LEN_BYTES: usize = 256 * 1024;
+    let mut upstream = TcpUpstream::start().await;
+    let emu = tcp_emulator_to(upstream.addr, EmulatorOptions::default()).await;
+    let via = via(&emu);
+    set(
+        &emu,
+        SettingsUpdate {
+            down: Some(true),
+            ..SettingsUpdate::default()
+        },
+    );
+    // A connection made while down is still accepted; its bytes wait.
+    let mut c = tcp_connect(via).await;
+    let mut server = upstream.next().await;
+    let payload = pattern(LEN_BYTES, 7);
+    c.write_all(&payload).await.expect("send");
+    server.write_all(b"answer").await.expect("answer");
+    wait_link(&emu, "both directions hold what they read", |l| {
+        l.forward.counters.queued > 0 && l.reverse.counters.queued > 0
+    })
+    .await;
+    assert!(
+        silent_for(&mut server, Duration::from_millis(500)).await,
+        "a byte crossed the forward partition"
+    );
+    assert!(
+        silent_for(&mut c, Duration::from_millis(200)).await,
+        "a byte crossed the reverse partition"
+    );
+    let info = emu.link("a", "b").expect("link");
+    assert_eq!(info.clients, 1);
+    assert_eq!(info.forward.counters.bytes_forwarded, 0);
+    assert_eq!(info.reverse.counters.bytes_forwarded, 0);
+
+    set(
+        &emu,
+        SettingsUpdate {
+            down: Some(false),
+            ..SettingsUpdate::default()
+        },
+    );
+    assert!(
+        read_exactly(&mut server, LEN_BYTES).await == payload,
+        "the held bytes arrived changed"
+    );
+    assert_eq!(read_exactly(&mut c, 6).await, b"answer");
+    let info = wait_link(&emu, "everything delivered", |l| {
+        l.forward.counters.bytes_forwarded == LEN_BYTES as u64
+            && l.reverse.counters.bytes_forwarded == 6
+    })
+    .await;
+    assert_eq!(info.forward.counters.queued, 0);
+    assert_eq!(
+        info.forward.counters.dropped + info.reverse.counters.dropped,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_one_way_down_holds_forward_while_reverse_flows() {
+    let mut upstream = TcpUpstream::start().await;
+    let emu = tcp_emulator_to(upstream.addr, EmulatorOptions::default()).await;
+    let via = via(&emu);
+    let mut c = tcp_connect(via).await;
+    let mut server = upstream.next().await;
+    c.write_all(b"hi").await.expect("send");
+    assert_eq!(read_exactly(&mut server, 2).await, b"hi");
+
+    let info = set(
+        &emu,
+        SettingsUpdate {
+            down: Some(true),
+            direction: Some(DirectionSel::Forward),
+            ..SettingsUpdate::default()
+        },
+    );
+    assert!(info.forward.settings.down && !info.reverse.settings.down);
+    c.write_all(b"request").await.expect("send");
+    for i in 0..5 {
+        let push = format!("push-{i}");
+        server.write_all(push.as_bytes()).await.expect("push");
+        assert_eq!(read_exactly(&mut c, push.len()).await, push.as_bytes());
+    }
+    assert!(
+        silent_for(&mut server, Duration::from_millis(500)).await,
+        "a byte crossed the forward partition"
+    );
+
+    set(
+        &emu,
+        SettingsUpdate {
+            down: Some(false),
+            direction: Some(DirectionSel::Forward),
+            ..SettingsUpdate::default()
+        },
+    );
+    assert_eq!(read_exactly(&mut server, 7).await, b"request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_are_bounded_and_dropping_the_emulator_closes_them() {
+    let (echo, _echo_task) = tcp_echo().await;
+    let emu = tcp_emulator_to(
+        echo,
+        EmulatorOptions {
+            max_clients_per_link: 2,
+            ..EmulatorOptions::default()
+        },
+    )
+    .await;
+    let via = via(&emu);
+    let mut open = Vec::new();
+    for i in 0..2u8 {
+        let mut c = tcp_connect(via).await;
+        c.write_all(&[i]).await.expect("send");
+        assert_eq!(read_exactly(&mut c, 1).await, [i]);
+        open.push(c);
+    }
+    // The third is closed at once, without a byte.
+    let mut third = tcp_connect(via).await;
+    let mut buf = [0u8; 1];
+    let got = tokio::time::timeout(DEADLINE, third.read(&mut buf))
+        .await
+        .expect("the extra connection is closed");
+    assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+    let info = wait_link(&emu, "the extra connection is counted", |l| {
+        l.clients_evicted == 1
+    })
+    .await;
+    assert_eq!(info.clients, 2);
+
+    // Closing one makes room.
+    drop(open.pop());
+    wait_link(&emu, "the closed connection is released", |l| {
+        l.clients == 1
+    })
+    .await;
+    let mut again = tcp_connect(via).await;
+    again.write_all(b"x").await.expect("send");
+    assert_eq!(read_exactly(&mut again, 1).await, b"x");
+
+    drop(emu);
+    let got = tokio::time::timeout(DEADLINE, again.read(&mut buf))
+        .await
+        .expect("relayed connections end with the emulator");
+    assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+    let start = Instant::now();
+    while TcpStream::connect(via).await.is_ok() {
+        assert!(start.elapsed() < DEADLINE, "still listening after drop");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
