@@ -323,7 +323,9 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            cache_capacity: 10_000,
+            // A cached document of a small record takes ~14 KB in memory (automerge's op
+            // columns and indexes): 2,000 bound the cache to ~30 MB; 10,000 took ~140 MB.
+            cache_capacity: 2_000,
         }
     }
 }
