@@ -35,7 +35,8 @@ use crate::topology::NodeConfig;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Received batches waiting to be applied on one link; the sender's window is smaller.
+/// Received batches waiting to be applied on one link; beyond it, the reader stops reading and
+/// QUIC's stream flow control holds the sender back.
 const INBOUND_QUEUE_BATCHES: usize = 8;
 /// Received batches applied together in one transaction at most.
 const MAX_COALESCED_BATCHES: usize = 8;
@@ -504,7 +505,7 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
     let mut shutdown = ctx.shutdown.clone();
     // A reader task keeps receiving while a batch is being applied, so the batches that arrive
     // meanwhile are applied together, in one transaction and one fsync: group commit for
-    // replication. The sender's window (4 batches) bounds what can queue here.
+    // replication. The channel bounds what can queue here; QUIC flow control does the rest.
     let (frames_tx, mut frames) =
         tokio::sync::mpsc::channel::<Result<Message, LinkError>>(INBOUND_QUEUE_BATCHES);
     let reader = tokio::spawn(async move {
