@@ -27,7 +27,7 @@ use crate::setup::{BenchEnv, SetupInfo};
 use crate::stats::{LatencyMs, micros, new_histogram};
 
 /// Target: changes applied per second while catching up.
-const CATCHUP_TARGET: f64 = 20_000.0;
+const CATCHUP_TARGET: f64 = 30_000.0;
 const POLL: Duration = Duration::from_millis(50);
 const CURVE_EVERY: Duration = Duration::from_millis(250);
 const MAX_ERRORS_PER_CLIENT: u64 = 100;

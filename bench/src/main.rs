@@ -9,10 +9,14 @@ mod fsync;
 mod http;
 mod lag;
 mod node;
+mod peers;
+mod plot;
 mod prom;
 mod report;
+mod scale;
 mod setup;
 mod stats;
+mod summary;
 mod write;
 
 use std::path::PathBuf;
@@ -38,7 +42,8 @@ enum Cmd {
         #[command(flatten)]
         write: write::WriteOpts,
     },
-    /// Replication lag between two nodes on loopback at a steady write rate
+    /// Replication lag between two nodes at a steady write rate, for a series of one-way
+    /// delays injected by the link emulator; then a partition and the catch-up after it
     Lag {
         #[command(flatten)]
         common: CommonArgs,
@@ -52,7 +57,30 @@ enum Cmd {
         #[command(flatten)]
         catchup: catchup::CatchupOpts,
     },
-    /// Every scenario in turn: write, lag, catchup
+    /// Scale: write cost as the key space and the regions grow, RSS and disk per record,
+    /// bytes on the wire per replicated write
+    Scale {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        scale: scale::ScaleOpts,
+    },
+    /// Baselines in the same run: Redis with appendfsync always, and a 3-node etcd cluster
+    /// whose peer links go through the link emulator
+    Peers {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        peers: peers::PeersOpts,
+    },
+    /// Writes report.md and the PNG plots from the scenario JSON files in --out
+    Report {
+        /// The output folder of an earlier run
+        #[arg(long, value_name = "DIR", default_value = "bench-out")]
+        out: PathBuf,
+    },
+    /// Every scenario in turn (write, lag, catchup, scale; peers with --with-peers), then
+    /// report.md and the plots
     All {
         #[command(flatten)]
         common: CommonArgs,
@@ -60,7 +88,25 @@ enum Cmd {
         write: write::WriteOpts,
         #[command(flatten)]
         pair: AllPairArgs,
+        #[command(flatten)]
+        extra: AllExtraArgs,
     },
+}
+
+/// What `all` runs beyond the Meridian-only scenarios.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Peers and scale (under `all`)")]
+struct AllExtraArgs {
+    /// Also measure the baselines: install (apt) and start Redis and a 3-node etcd cluster,
+    /// stop them after
+    #[arg(long)]
+    with_peers: bool,
+    /// Leave out the scale scenario (the longest: it loads up to a million records)
+    #[arg(long)]
+    skip_scale: bool,
+    /// `scale --checkpoints`
+    #[arg(long, value_name = "N[,N...]", value_delimiter = ',')]
+    scale_checkpoints: Option<Vec<u64>>,
 }
 
 /// The options of `lag` and `catchup` under `all`, prefixed so that they do not clash with
@@ -80,6 +126,12 @@ struct AllPairArgs {
     /// `lag --workers`
     #[arg(long, value_name = "N", default_value_t = lag::LagOpts::default().workers, value_parser = clap::value_parser!(u64).range(1..=4096))]
     lag_workers: u64,
+    /// `lag --delays-ms`
+    #[arg(long, value_name = "MS[,MS...]", value_delimiter = ',', default_values_t = lag::DEFAULT_DELAYS_MS, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    lag_delays_ms: Vec<u64>,
+    /// `lag --partition-secs`
+    #[arg(long, value_name = "SECS", default_value_t = lag::LagOpts::default().partition_secs)]
+    lag_partition_secs: u64,
     /// `catchup --backlog`
     #[arg(long, value_name = "N", default_value_t = catchup::CatchupOpts::default().backlog, value_parser = clap::value_parser!(u64).range(1..))]
     catchup_backlog: u64,
@@ -98,6 +150,8 @@ impl AllPairArgs {
             duration_secs: self.lag_duration_secs,
             warmup_secs: self.lag_warmup_secs,
             workers: self.lag_workers,
+            delays_ms: self.lag_delays_ms.clone(),
+            partition_secs: self.lag_partition_secs,
             value_bytes,
             ..lag::LagOpts::default()
         }
@@ -151,12 +205,24 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Write { common, write } => write::run_and_publish(&common, &write).await,
         Cmd::Lag { common, lag } => lag::run_and_publish(&common, &lag).await,
         Cmd::Catchup { common, catchup } => catchup::run_and_publish(&common, &catchup).await,
+        Cmd::Peers { common, peers } => peers::run_and_publish(&common, &peers).await,
+        Cmd::Scale { common, scale } => scale::run_and_publish(&common, &scale).await,
+        Cmd::Report { out } => publish_report(&out),
         Cmd::All {
             common,
             write,
             pair,
+            extra,
         } => {
             let mut failed = Vec::new();
+            // A report must not mix runs: results of an earlier run are removed first.
+            for name in summary::SCENARIOS {
+                let old = common.out.join(format!("{name}.json"));
+                if old.exists() {
+                    std::fs::remove_file(&old)
+                        .with_context(|| format!("removing {} of an earlier run", old.display()))?;
+                }
+            }
             // Each scenario starts its own node(s) in its own data directory.
             if let Err(e) = write::run_and_publish(&common, &write).await {
                 eprintln!("meridian-bench: write: {e}");
@@ -192,6 +258,37 @@ async fn run(cli: Cli) -> Result<()> {
                     eprintln!("meridian-bench: catchup: {e}");
                     failed.push(("catchup", e));
                 }
+                if !extra.skip_scale {
+                    println!();
+                    let mut opts = scale::ScaleOpts {
+                        value_bytes: write.value_bytes,
+                        ..scale::ScaleOpts::default()
+                    };
+                    if let Some(c) = &extra.scale_checkpoints {
+                        opts.checkpoints = c.clone();
+                    }
+                    if let Err(e) = scale::run_and_publish(&sub("scale"), &opts).await {
+                        eprintln!("meridian-bench: scale: {e}");
+                        failed.push(("scale", e));
+                    }
+                }
+                if extra.with_peers {
+                    println!();
+                    let opts = peers::PeersOpts {
+                        value_bytes: write.value_bytes,
+                        clients: write.clients.clone(),
+                        ..peers::PeersOpts::default()
+                    };
+                    if let Err(e) = peers::run_and_publish(&sub("peers"), &opts).await {
+                        eprintln!("meridian-bench: peers: {e}");
+                        failed.push(("peers", e));
+                    }
+                }
+            }
+            println!();
+            if let Err(e) = publish_report(&common.out) {
+                eprintln!("meridian-bench: report: {e}");
+                failed.push(("report", e));
             }
             match failed.len() {
                 0 => Ok(()),
@@ -207,6 +304,19 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+}
+
+/// Writes the Markdown report and plots of the run in `out` and says where they are.
+fn publish_report(out: &std::path::Path) -> Result<()> {
+    let written = summary::write(out)?;
+    println!("report: {}", written.markdown.display());
+    for p in &written.plots {
+        println!("plot: {}", p.display());
+    }
+    for e in &written.plot_errors {
+        eprintln!("meridian-bench: plot not drawn: {e}");
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -261,7 +371,12 @@ mod tests {
         };
         assert_eq!(write.duration_secs, 3);
         assert_eq!(pair.lag(200).rate, 500);
-        assert_eq!(pair.lag(200).duration_secs, 20);
+        assert_eq!(
+            pair.lag(200).duration_secs,
+            super::lag::LagOpts::default().duration_secs
+        );
+        assert_eq!(pair.lag(200).delays_ms, super::lag::DEFAULT_DELAYS_MS);
+        assert_eq!(pair.lag(200).partition_secs, 10);
         assert_eq!(pair.catchup(200).backlog, 10);
     }
 }

@@ -201,6 +201,17 @@ impl BenchEnv {
         http: &reqwest::Client,
         scenario: &str,
     ) -> Result<&mut Pair> {
+        self.start_pair_with(http, scenario, false).await
+    }
+
+    /// Like [`BenchEnv::start_pair`]; with `emulate_links`, each node dials the other through
+    /// the in-process link emulator (see [`Pair::set_link_delay`], [`Pair::set_links_down`]).
+    pub async fn start_pair_with(
+        &mut self,
+        http: &reqwest::Client,
+        scenario: &str,
+        emulate_links: bool,
+    ) -> Result<&mut Pair> {
         let Some(bin) = self.meridian_bin.clone() else {
             return Err(Error::usage(format!(
                 "{scenario} starts its own two nodes; it cannot run against --target"
@@ -214,6 +225,7 @@ impl BenchEnv {
                 out_dir: &out_dir,
                 scenario,
                 ready_timeout: self.ready_timeout,
+                emulate_links,
             },
             http,
         )

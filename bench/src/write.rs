@@ -21,7 +21,7 @@ use crate::stats::{LatencyMs, micros, new_histogram};
 /// Target: p50 at one client within this much of the fsync p50.
 const P50_MARGIN_MS: f64 = 0.5;
 /// Target: durable writes per second at `TPUT_TARGET_CLIENTS` clients.
-const TPUT_TARGET: f64 = 10_000.0;
+const TPUT_TARGET: f64 = 20_000.0;
 const TPUT_TARGET_CLIENTS: usize = 64;
 /// A throughput client gives up after this many failed requests.
 const MAX_ERRORS_PER_CLIENT: u64 = 100;
@@ -51,7 +51,7 @@ pub struct WriteOpts {
     pub warmup: u64,
 
     /// Concurrent clients for the throughput run; a list runs each level in turn
-    #[arg(long, value_name = "N[,N...]", value_delimiter = ',', default_value = "64", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    #[arg(long, value_name = "N[,N...]", value_delimiter = ',', default_value = "1,16,64,256", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub clients: Vec<u64>,
 
     /// Measured seconds per throughput level
@@ -231,6 +231,12 @@ impl WriteReport {
                 &name,
                 "p99",
                 format!("{:.3} ms", t.latency.p99_ms),
+                String::new(),
+            ));
+            rows.push(Row::new(
+                &name,
+                "p999",
+                format!("{:.3} ms", t.latency.p999_ms),
                 String::new(),
             ));
             rows.push(Row::new(
