@@ -169,12 +169,37 @@ pub fn write(dir: &Path) -> Result<Written> {
             .flatten()
         {
             let f = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("");
+            let value = match (t.get("value").and_then(Value::as_str), num(t, "/value_ms")) {
+                (Some(v), _) => v.to_string(),
+                (None, Some(v)) => format!("{} (bound {})", ms(Some(v)), ms(num(t, "/bound_ms"))),
+                (None, None) => "–".into(),
+            };
             let status = match f("status") {
                 "MISS" => "**MISS**",
                 s => s,
             };
-            let _ = writeln!(md, "| {name} | {} | {} | {status} |", f("name"), f("value"));
+            let _ = writeln!(md, "| {name} | {} | {value} | {status} |", f("name"));
         }
+    }
+    // Meridian against etcd at 40 ms, at the same concurrency (one client, sequential).
+    let etcd_40_p50 = peers
+        .and_then(|p| p.pointer("/etcd/delays"))
+        .and_then(Value::as_array)
+        .and_then(|d| d.iter().find(|e| num(e, "/delay_ms") == Some(40.0)))
+        .and_then(|e| num(e, "/p50_ms"));
+    let meridian_1_p50 = write.and_then(|w| num(w, "/latency_1_client/p50_ms"));
+    if let (Some(e), Some(m)) = (etcd_40_p50, meridian_1_p50)
+        && m > 0.0
+    {
+        let ratio = e / m;
+        let _ = writeln!(
+            md,
+            "| peers | write latency ≥ 50× lower than etcd at 40 ms one-way (p50, 1 client each) | \
+             {ratio:.0}× (etcd {} / Meridian {}) | {} |",
+            ms(Some(e)),
+            ms(Some(m)),
+            if ratio >= 50.0 { "PASS" } else { "**MISS**" }
+        );
     }
     md.push('\n');
 
@@ -570,18 +595,62 @@ pub fn write(dir: &Path) -> Result<Written> {
     // Scale.
     md.push_str("## Scale\n\n");
     match scale {
-        Some(s) => {
-            md.push_str("```json\n");
-            for key in ["key_space", "regions", "wire"] {
-                if let Some(v) = s.get(key) {
-                    let _ = writeln!(
-                        md,
-                        "\"{key}\": {}",
-                        serde_json::to_string_pretty(v).unwrap_or_default()
-                    );
-                }
+        Some(sc) => {
+            let cps = sc
+                .pointer("/keyspace/checkpoints")
+                .and_then(Value::as_array);
+            md.push_str(
+                "| records | load rate (64 clients) | insert p50 / p99 (1 client) | update p50 / p99 | writes/s (64 clients) | RSS | RSS per record | disk allocated per record |\n\
+                 |---|---|---|---|---|---|---|---|\n",
+            );
+            for c in cps.into_iter().flatten() {
+                let _ = writeln!(
+                    md,
+                    "| {} | {}/s | {} / {} | {} / {} | {} | {:.1} MiB | {} B | {} B |",
+                    thousands(num(c, "/records")),
+                    thousands(num(c, "/load/writes_per_sec")),
+                    ms(num(c, "/insert_1_client/p50_ms")),
+                    ms(num(c, "/insert_1_client/p99_ms")),
+                    ms(num(c, "/update_1_client/p50_ms")),
+                    ms(num(c, "/update_1_client/p99_ms")),
+                    thousands(num(c, "/throughput/writes_per_sec")),
+                    num(c, "/memory/rss_bytes").unwrap_or(0.0) / 1_048_576.0,
+                    thousands(num(c, "/rss_bytes_per_record")),
+                    thousands(num(c, "/disk_allocated_bytes_per_record")),
+                );
             }
-            md.push_str("```\n\n");
+            md.push_str(
+                "\n| regions | write p50 / p99 at node 0 (1 client) | writes/s at node 0 (64 clients) | last write visible on the last node |\n\
+                 |---|---|---|---|\n",
+            );
+            for r in sc
+                .get("regions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} / {} | {} | {} |",
+                    r.get("regions").map_or("?".into(), Value::to_string),
+                    ms(num(r, "/latency_1_client/p50_ms")),
+                    ms(num(r, "/latency_1_client/p99_ms")),
+                    thousands(num(r, "/throughput/writes_per_sec")),
+                    ms(num(r, "/last_write_visible_ms_on_last_node")),
+                );
+            }
+            if let Some(w) = sc.get("wire") {
+                let _ = writeln!(
+                    md,
+                    "\nBytes on the wire per replicated write ({} B of key and value): {} B A→B and \
+                     {} B B→A (idle baseline subtracted; QUIC and TLS included), {:.2} datagrams \
+                     A→B per write.\n",
+                    num(w, "/payload_bytes_per_write").unwrap_or(0.0),
+                    thousands(num(w, "/a_to_b/net_bytes_per_write")),
+                    thousands(num(w, "/b_to_a/net_bytes_per_write")),
+                    num(w, "/a_to_b/net_packets_per_write").unwrap_or(0.0),
+                );
+            }
         }
         None => md.push_str("Not measured in this run.\n\n"),
     }
