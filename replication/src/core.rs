@@ -249,10 +249,11 @@ impl Default for StreamLimits {
     fn default() -> Self {
         StreamLimits {
             // Batches in flight cost only their metadata here, and the subscriber's side is
-            // bounded by QUIC's stream flow control. With 4, a 150 ms link held each change up
-            // to a round trip at any write rate: the window, not the wire, set the lag
-            // (`meridian-bench lag`: p50 ≈ 2 × delay even at 100 writes/s).
-            window: 128,
+            // bounded by QUIC's stream flow control. The window must cover a round trip of
+            // commits (~850/s at 1,000 writes/s): with 4, a 150 ms link held each change up to a
+            // round trip (lag p50 ≈ 2 × delay even at 100 writes/s); with 128, lag p50 at 150 ms
+            // one way was 520 ms; with 1024, 179 ms (`meridian-bench lag`).
+            window: 1024,
             batch_changes: 1024,
             batch_bytes: 4 << 20,
         }
