@@ -1,9 +1,10 @@
 //! The `catchup` scenario: how fast a peer that comes back applies the backlog it missed.
 //!
-//! Two nodes; B is stopped, A takes `--backlog` writes as fast as `--clients` clients can
-//! send them, then B starts again and the bench polls B's
-//! `meridian_replication_changes_applied_total{peer_region="bench-a"}` (counted since B's
-//! process start) until it reaches the number of writes.
+//! Two nodes; B is cut off by a partition (`--mode partition`, the default: both links down in
+//! the in-process link emulator) or stopped (`--mode restart`), A takes `--backlog` writes as fast
+//! as `--clients` clients can send them, then the links heal (or B starts again) and the bench
+//! polls B's `meridian_replication_changes_applied_total{peer_region="bench-a"}` (relative to its
+//! value at the heal) until it has grown by the number of writes.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -36,7 +37,12 @@ const KEEP_ERRORS: usize = 3;
 #[derive(Args, Debug, Clone, Serialize)]
 #[command(next_help_heading = "Catch-up scenario")]
 pub struct CatchupOpts {
-    /// Records written at A while B is down
+    /// How B misses the backlog: cut off by a partition (both links down in the link
+    /// emulator, B keeps running) or stopped and started again
+    #[arg(long, value_enum, default_value_t = CatchupMode::Partition)]
+    pub mode: CatchupMode,
+
+    /// Records written at A while B is cut off or down
     #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub backlog: u64,
 
@@ -53,9 +59,20 @@ pub struct CatchupOpts {
     pub value_bytes: usize,
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchupMode {
+    /// Both directions cut in the emulator while the backlog is written; catch-up runs from the
+    /// heal (it includes the redial after the QUIC idle timeout ended the links).
+    Partition,
+    /// B stopped (SIGTERM) while the backlog is written; catch-up runs from its new process.
+    Restart,
+}
+
 impl Default for CatchupOpts {
     fn default() -> Self {
         CatchupOpts {
+            mode: CatchupMode::Partition,
             backlog: 100_000,
             clients: 64,
             deadline_secs: 600,
@@ -194,7 +211,7 @@ impl CatchupReport {
             };
             rows.push(Row::new(
                 name,
-                "rate from process start",
+                "rate from heal / process start",
                 rate(c.changes_per_sec_from_start),
                 format!("≥ {} changes/s: {status}", thousands(CATCHUP_TARGET)),
             ));
@@ -218,7 +235,7 @@ impl CatchupReport {
             ));
             rows.push(Row::new(
                 name,
-                "time from process start",
+                "time from heal / process start",
                 secs(c.secs_from_start),
                 String::new(),
             ));
@@ -375,7 +392,8 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
         .map_err(|e| Error::runtime(format!("resolving {}: {e}", common.out.display())))?;
 
     eprintln!("meridian-bench: catchup: starting {NODE_A} and {NODE_B}");
-    let pair = env.start_pair(&http, "catchup").await?;
+    let partition = opts.mode == CatchupMode::Partition;
+    let pair = env.start_pair_with(&http, "catchup", partition).await?;
     eprintln!(
         "meridian-bench: catchup: both nodes ready after {:.2} s, replication connected {:.2} s later",
         pair.ready_secs, pair.connect_secs
@@ -384,17 +402,23 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
     let base_b = pair.b.api_url.clone();
     let pid_a = pair.a.pid();
 
-    // 1. Stop B.
-    let stop_started = Instant::now();
-    let (clean, b_stop) = pair.b.stop_checked();
-    let b_stop = format!(
-        "{b_stop} after {:.2} s",
-        stop_started.elapsed().as_secs_f64()
-    );
+    // 1. Cut B off (partition) or stop it.
+    let b_stop = if partition {
+        pair.set_links_down(true)?;
+        "cut off: both links down in the emulator, B still running".to_string()
+    } else {
+        let stop_started = Instant::now();
+        let (clean, b_stop) = pair.b.stop_checked();
+        let b_stop = format!(
+            "{b_stop} after {:.2} s",
+            stop_started.elapsed().as_secs_f64()
+        );
+        if !clean {
+            failures.push(format!("{NODE_B} {b_stop}"));
+        }
+        b_stop
+    };
     eprintln!("meridian-bench: catchup: {NODE_B} {b_stop}");
-    if !clean {
-        failures.push(format!("{NODE_B} {b_stop}"));
-    }
 
     // 2. The backlog at A.
     eprintln!(
@@ -478,10 +502,25 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
     // 3. B again: time until it has applied every change.
     let mut catchup = None;
     if failures.is_empty() {
-        let log = out_dir.join("node-catchup-b-restart.log");
-        pair.b.respawn(log.clone())?;
-        pair.logs.push(log);
-        let spawned = pair.b.spawned_at;
+        // In partition mode B's counter already holds what it applied before the cut.
+        let b_before = if partition {
+            prom::scrape(&http, &base_b).await.ok()
+        } else {
+            None
+        };
+        let base_applied = b_before
+            .as_ref()
+            .and_then(|s| s.value(APPLIED_COUNTER, &[("peer_region", REGION_A)]))
+            .unwrap_or(0.0);
+        let spawned = if partition {
+            pair.set_links_down(false)?;
+            Instant::now()
+        } else {
+            let log = out_dir.join("node-catchup-b-restart.log");
+            pair.b.respawn(log.clone())?;
+            pair.logs.push(log);
+            pair.b.spawned_at
+        };
         let cpu_b = pair.b.pid().map(|p| CpuMeter::start(Some(p)));
         let threads_b = pair.b.pid().map(ThreadMeter::start);
         let wait_b = pair.b.pid().map(WaitMeter::start);
@@ -489,7 +528,12 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
         let threads_a = pid_a.map(ThreadMeter::start);
         let a_before = prom::scrape(&http, &base_a).await.ok();
         eprintln!(
-            "meridian-bench: catchup: {NODE_B} started again; waiting for it to apply {ok} changes"
+            "meridian-bench: catchup: {NODE_B} {}; waiting for it to apply {ok} changes",
+            if partition {
+                "reconnected (links healed)"
+            } else {
+                "started again"
+            }
         );
         let target = ok as f64;
         let deadline = spawned + Duration::from_secs(opts.deadline_secs);
@@ -528,7 +572,8 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
                 Ok(s) => {
                     applied = s
                         .value(APPLIED_COUNTER, &[("peer_region", REGION_A)])
-                        .unwrap_or(0.0);
+                        .unwrap_or(0.0)
+                        - base_applied;
                     last_scrape = Some(s);
                 }
                 Err(e) => last_problem = Some(e.to_string()),
@@ -575,7 +620,7 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
             .as_secs_f64();
         let node_b_commits = last_scrape
             .as_ref()
-            .and_then(|s| prom::CommitStats::between(None, s, interval));
+            .and_then(|s| prom::CommitStats::between(b_before.as_ref(), s, interval));
         let node_a_commits = a_after
             .as_ref()
             .and_then(|s| prom::CommitStats::between(a_before.as_ref(), s, interval));
@@ -639,7 +684,7 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
         });
         if let Some(c) = &catchup {
             eprintln!(
-                "meridian-bench: catchup: {} changes applied in {} from process start ({})",
+                "meridian-bench: catchup: {} changes applied in {} from the heal or process start ({})",
                 ok,
                 secs(c.secs_from_start),
                 rate(c.changes_per_sec_from_start)
@@ -660,9 +705,14 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
         },
     }];
     notes.push(format!(
-        "catch-up time runs from spawning B (and separately from its first 200 on /readyz) to \
-         the first {} ms poll of B's {APPLIED_COUNTER}{{peer_region=\"{REGION_A}\"}} that \
-         reaches the backlog; the rate uses the time from spawning B",
+        "catch-up time runs from {} to the first {} ms poll of B's \
+         {APPLIED_COUNTER}{{peer_region=\"{REGION_A}\"}} that has grown by the backlog",
+        if partition {
+            "the heal of both links (it includes B and A redialling: a cut longer than the 10 s \
+             QUIC idle timeout ends the links)"
+        } else {
+            "spawning B (and separately from its first 200 on /readyz)"
+        },
         POLL.as_millis()
     ));
     notes.push(format!(

@@ -163,6 +163,7 @@ impl AllPairArgs {
             clients: self.catchup_clients,
             deadline_secs: self.catchup_deadline_secs,
             value_bytes,
+            ..catchup::CatchupOpts::default()
         }
     }
 }

@@ -195,16 +195,8 @@ impl BenchEnv {
     }
 
     /// Starts the two-node cluster of the replication scenarios in the data directory
-    /// (`topology.toml`, `certs/`, one data directory per node). Not with `--target`.
-    pub async fn start_pair(
-        &mut self,
-        http: &reqwest::Client,
-        scenario: &str,
-    ) -> Result<&mut Pair> {
-        self.start_pair_with(http, scenario, false).await
-    }
-
-    /// Like [`BenchEnv::start_pair`]; with `emulate_links`, each node dials the other through
+    /// (`topology.toml`, `certs/`, one data directory per node; not with `--target`); with
+    /// `emulate_links`, each node dials the other through
     /// the in-process link emulator (see [`Pair::set_link_delay`], [`Pair::set_links_down`]).
     pub async fn start_pair_with(
         &mut self,
