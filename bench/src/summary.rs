@@ -554,8 +554,8 @@ pub fn write(dir: &Path) -> Result<Written> {
     if let Some(c) = catchup.and_then(|c| c.get("catchup")) {
         let _ = writeln!(
             md,
-            "{} changes applied in {} s from the node's start ({} changes/s; {} changes/s \
-             while streaming).\n",
+            "{} changes applied in {} s from the heal of the partition (from the node's start \
+             with `catchup --mode restart`): {} changes/s; {} changes/s while streaming.\n",
             thousands(num(c, "/changes")),
             num(c, "/secs_from_start").map_or("–".into(), |s| format!("{s:.2}")),
             thousands(num(c, "/changes_per_sec_from_start")),
