@@ -689,3 +689,156 @@ pub fn write(dir: &Path) -> Result<Written> {
         plot_errors,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn put(dir: &Path, name: &str, v: &Value) {
+        std::fs::write(dir.join(format!("{name}.json")), v.to_string()).expect("write json");
+    }
+
+    fn lat(p50: f64) -> Value {
+        json!({"p50_ms": p50, "p99_ms": p50 * 2.0, "p999_ms": p50 * 3.0})
+    }
+
+    /// A run folder with every scenario, shaped like the scenarios' real JSON.
+    fn full_run(dir: &Path) {
+        let level = |c: u64, wps: f64, p50: f64| {
+            let mut l = lat(p50);
+            l["clients"] = json!(c);
+            l["writes_per_sec"] = json!(wps);
+            l
+        };
+        put(
+            dir,
+            "write",
+            &json!({
+                "machine": {"timestamp": "T", "git_commit": "abc1234", "nproc": 2, "kernel": "k",
+                            "arch": "x86_64", "loadavg_at_start": "1 1 1",
+                            "command_line": ["meridian-bench", "all"]},
+                "fsync_floor": {"p50_us": 200, "p99_us": 300},
+                "latency_1_client": lat(1.0),
+                "throughput": [level(1, 900.0, 1.1), level(64, 3500.0, 18.0)],
+                "targets": [{"name": "p50 at 1 client", "value": "1.000 ms", "status": "MISS"}],
+                "failures": [], "notes": ["a write note"]
+            }),
+        );
+        let phase = |d: f64| {
+            json!({"delay_ms": d, "lag": lat(d + 5.0), "write_latency": lat(1.5),
+                                    "achieved_rate": 1000.0})
+        };
+        put(
+            dir,
+            "lag",
+            &json!({
+                "phases": [phase(0.0), phase(40.0), phase(150.0)],
+                "partition": {"write_latency": lat(1.2), "errors": 0, "backlog": 10000,
+                              "catchup_secs": 1.5},
+                "targets": [{"name": "lag p99 at 40 ms", "value_ms": 50.0, "bound_ms": 60.0,
+                             "status": "PASS"}]
+            }),
+        );
+        put(
+            dir,
+            "catchup",
+            &json!({"catchup": {"changes": 1000, "secs_from_start": 0.5,
+                                "changes_per_sec_from_start": 2000.0,
+                                "changes_per_sec_streaming": 2100.0,
+                                "curve": [[0.0, 0.0], [0.25, 500.0], [0.5, 1000.0]]}}),
+        );
+        let etcd = |d: f64, p50: f64| {
+            let mut l = lat(p50);
+            l["delay_ms"] = json!(d);
+            l
+        };
+        put(
+            dir,
+            "peers",
+            &json!({
+                "versions": {"redis": "Redis 7", "etcd": "etcd 3.4"},
+                "redis": {"durability": "fsync always", "levels": [level(1, 4000.0, 0.25),
+                                                                   level(64, 50000.0, 1.2)]},
+                "etcd": {"durability": "WAL fsync", "election": "3 s",
+                         "delays": [etcd(0.0, 1.2), etcd(40.0, 84.0), etcd(150.0, 304.0)]}
+            }),
+        );
+        put(
+            dir,
+            "scale",
+            &json!({
+                "keyspace": {"checkpoints": [{"records": 1000000,
+                    "load": {"writes_per_sec": 3500.0}, "insert_1_client": lat(1.3),
+                    "update_1_client": lat(1.4), "throughput": {"writes_per_sec": 3300.0},
+                    "memory": {"rss_bytes": 120_000_000u64}, "rss_bytes_per_record": 120.0,
+                    "disk_allocated_bytes_per_record": 1785.0}]},
+                "regions": [{"regions": 2, "latency_1_client": lat(1.5),
+                             "throughput": {"writes_per_sec": 2600.0},
+                             "last_write_visible_ms_on_last_node": 7.0}],
+                "wire": {"payload_bytes_per_write": 215.0,
+                         "a_to_b": {"net_bytes_per_write": 459.0, "net_packets_per_write": 0.36},
+                         "b_to_a": {"net_bytes_per_write": 4.0}},
+                "targets": [{"name": "RSS ≤ 200 MiB", "value": "115 MiB", "status": "PASS"}]
+            }),
+        );
+    }
+
+    #[test]
+    fn a_full_run_gives_every_section_target_and_plot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        full_run(dir.path());
+        let written = write(dir.path()).expect("report");
+        assert!(written.plot_errors.is_empty(), "{:?}", written.plot_errors);
+        for (name, _) in PLOTS {
+            let png = std::fs::read(dir.path().join(name)).expect(name);
+            assert!(png.starts_with(b"\x89PNG"), "{name} is a PNG");
+        }
+        let md = std::fs::read_to_string(&written.markdown).expect("report.md");
+        assert!(!md.contains("Not in this run"), "{md}");
+        // Targets of every scenario, MISS emphasised, floats of the lag targets rendered.
+        assert!(
+            md.contains("| write | p50 at 1 client | 1.000 ms | **MISS** |"),
+            "{md}"
+        );
+        assert!(md.contains("| lag | lag p99 at 40 ms | 50.0 ms (bound 60.0 ms) | PASS |"));
+        // Meridian 1-client p50 1.0 ms vs etcd 84 ms at 40 ms: 84×.
+        assert!(
+            md.contains("84× (etcd 84.0 ms / Meridian 1.00 ms) | PASS |"),
+            "{md}"
+        );
+        // Both systems side by side per client level.
+        assert!(md.contains("| 64 | 3,500 | 18.0 ms |"), "{md}");
+        assert!(md.contains("50,000 | 1.20 ms"), "{md}");
+        assert!(md.contains("| 150 ms | 155 ms |"), "{md}");
+        assert!(md.contains("| 1,000,000 | 3,500/s |"), "{md}");
+        assert!(md.contains("459 B A→B"), "{md}");
+        assert!(md.contains("write: note: a write note"), "{md}");
+        assert!(md.contains("As run: Redis 7 — fsync always."), "{md}");
+    }
+
+    #[test]
+    fn missing_scenarios_are_named_and_nothing_is_invented() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        full_run(dir.path());
+        for gone in ["peers", "lag", "scale"] {
+            std::fs::remove_file(dir.path().join(format!("{gone}.json"))).expect("remove");
+        }
+        let written = write(dir.path()).expect("report");
+        let md = std::fs::read_to_string(&written.markdown).expect("report.md");
+        assert!(
+            md.contains("Not in this run (no JSON file in the output folder): lag, peers, scale."),
+            "{md}"
+        );
+        assert!(
+            !md.contains("etcd 8"),
+            "no etcd figure without peers.json: {md}"
+        );
+        assert!(md.contains("Needs both `lag` and `peers`"));
+        // Plots that need the missing scenarios are not drawn; the others are.
+        assert!(dir.path().join("latency-vs-clients.png").exists());
+        assert!(!dir.path().join("meridian-vs-etcd.png").exists());
+        assert!(!dir.path().join("lag-vs-delay.png").exists());
+    }
+}
