@@ -764,14 +764,7 @@ pub fn publish(report: &CatchupReport, out_dir: &std::path::Path) -> Result<Vec<
 pub async fn run_and_publish(common: &CommonArgs, opts: &CatchupOpts) -> Result<()> {
     let report = run(common, opts).await?;
     let failures = publish(&report, &common.out)?;
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::runtime(format!(
-            "the catchup benchmark had {} failure(s); see above",
-            failures.len()
-        )))
-    }
+    report::scenario_result("catchup", &failures)
 }
 
 #[cfg(test)]

@@ -1776,14 +1776,7 @@ pub fn publish(report: &LagReport, out_dir: &std::path::Path) -> Result<Vec<Stri
 pub async fn run_and_publish(common: &CommonArgs, opts: &LagOpts) -> Result<()> {
     let report = run(common, opts).await?;
     let failures = publish(&report, &common.out)?;
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::runtime(format!(
-            "the lag benchmark had {} failure(s); see above",
-            failures.len()
-        )))
-    }
+    report::scenario_result("lag", &failures)
 }
 
 #[cfg(test)]

@@ -2353,14 +2353,7 @@ pub fn publish(report: &PeersReport, out_dir: &Path) -> Result<Vec<String>> {
 pub async fn run_and_publish(common: &CommonArgs, opts: &PeersOpts) -> Result<()> {
     let report = run(common, opts).await?;
     let failures = publish(&report, &common.out)?;
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::runtime(format!(
-            "the peers benchmark had {} failure(s); see above",
-            failures.len()
-        )))
-    }
+    report::scenario_result("peers", &failures)
 }
 
 #[cfg(test)]

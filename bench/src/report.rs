@@ -223,9 +223,33 @@ pub fn write_json(out_dir: &Path, name: &str, value: &impl Serialize) -> Result<
     Ok(path)
 }
 
+/// How a scenario ends once its report is printed: `Ok`, or an error that counts the failures
+/// (each already printed as `FAILED: …`), so that the exit status is non-zero.
+pub fn scenario_result(scenario: &str, failures: &[String]) -> crate::error::Result<()> {
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::error::Error::runtime(format!(
+            "the {scenario} benchmark had {} failure(s); see above",
+            failures.len()
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scenario_with_failures_ends_in_an_error_that_counts_them() {
+        assert!(scenario_result("lag", &[]).is_ok());
+        let e = scenario_result("lag", &["a".into(), "b".into()]).expect_err("failures");
+        assert!(
+            e.to_string().contains("the lag benchmark had 2 failure(s)"),
+            "{e}"
+        );
+        assert_ne!(e.exit_code(), 0);
+    }
 
     #[test]
     fn dates() {

@@ -1964,14 +1964,7 @@ pub fn publish(report: &ScaleReport, out_dir: &Path) -> Result<Vec<String>> {
 pub async fn run_and_publish(common: &CommonArgs, opts: &ScaleOpts) -> Result<()> {
     let report = run(common, opts).await?;
     let failures = publish(&report, &common.out)?;
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::runtime(format!(
-            "the scale benchmark had {} failure(s); see above",
-            failures.len()
-        )))
-    }
+    report::scenario_result("scale", &failures)
 }
 
 #[cfg(test)]

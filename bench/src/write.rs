@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::CommonArgs;
 use crate::cpu::CpuMeter;
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::fsync::{self, FsyncMode, FsyncStats};
 use crate::http::{self, make_body};
 use crate::report::{self, Machine, Row, thousands};
@@ -743,12 +743,5 @@ pub fn publish(report: &WriteReport, out_dir: &std::path::Path) -> Result<Vec<St
 pub async fn run_and_publish(common: &CommonArgs, opts: &WriteOpts) -> Result<()> {
     let report = run(common, opts).await?;
     let failures = publish(&report, &common.out)?;
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::runtime(format!(
-            "the write benchmark had {} failure(s); see above",
-            failures.len()
-        )))
-    }
+    report::scenario_result("write", &failures)
 }
