@@ -120,6 +120,8 @@ struct Op {
     /// This process's own node was killed or paused at invoke or completion time.
     node_impaired: bool,
     error: Option<String>,
+    /// Requests sent (retries of an `unknown` answer with the same Idempotency-Key included).
+    attempts: u32,
 }
 
 impl Op {
@@ -139,6 +141,7 @@ impl Op {
             "nemesis": self.nemesis,
             "node_impaired": self.node_impaired,
             "error": self.error,
+            "attempts": self.attempts,
         })
     }
 
@@ -181,6 +184,76 @@ impl Shared {
 
 // ---------------------------------------------------------------------------------------------
 // Workload
+
+/// Retries of a write whose answer was `unknown`, one second apart.
+const UNKNOWN_RETRIES: u32 = 3;
+
+type Answer = (
+    Outcome,
+    Option<u16>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// One request: its outcome, status, version, serving region and error text.
+async fn attempt(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: &Value,
+    idempotency_key: &str,
+) -> Answer {
+    let answer = client
+        .request(method, url)
+        .header("Idempotency-Key", idempotency_key)
+        .json(body)
+        .send()
+        .await;
+    match answer {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let served = r
+                .headers()
+                .get("meridian-served-by-region")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body: Option<Value> = r.json().await.ok();
+            if (200..300).contains(&status) {
+                let version = body
+                    .as_ref()
+                    .and_then(|b| b.get("version"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                (Outcome::Ok, Some(status), version, served, None)
+            } else {
+                // 4xx: refused, nothing applied. 5xx: may or may not have applied
+                // (e.g. a forward that timed out after delivery).
+                let outcome = if status < 500 {
+                    Outcome::Fail
+                } else {
+                    Outcome::Unknown
+                };
+                (
+                    outcome,
+                    Some(status),
+                    None,
+                    served,
+                    body.map(|b| b.to_string()),
+                )
+            }
+        }
+        Err(e) => {
+            let outcome = if e.is_connect() {
+                Outcome::Fail
+            } else {
+                Outcome::Unknown
+            };
+            let text = format!("{e} (timeout: {})", e.is_timeout());
+            (outcome, None, None, None, Some(text))
+        }
+    }
+}
 
 async fn workload(
     process: usize,
@@ -228,54 +301,24 @@ async fn workload(
         let nemesis = NEMESES[shared.nemesis.load(Ordering::SeqCst)];
         let impaired_before = shared.impaired[process].load(Ordering::SeqCst);
         let invoke_ms = shared.now_ms();
-        let answer = client
-            .request(method, format!("{base}/v1/kv/{path}"))
-            .json(&body)
-            .send()
-            .await;
-        let (outcome, status, version, served_by_region, error) = match answer {
-            Ok(r) => {
-                let status = r.status().as_u16();
-                let served = r
-                    .headers()
-                    .get("meridian-served-by-region")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                let body: Option<Value> = r.json().await.ok();
-                if (200..300).contains(&status) {
-                    let version = body
-                        .as_ref()
-                        .and_then(|b| b.get("version"))
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
-                    (Outcome::Ok, Some(status), version, served, None)
-                } else {
-                    // 4xx: refused, nothing applied. 5xx: may or may not have applied
-                    // (e.g. a forward that timed out after delivery).
-                    let outcome = if status < 500 {
-                        Outcome::Fail
-                    } else {
-                        Outcome::Unknown
-                    };
-                    let err = body.map(|b| b.to_string());
-                    (outcome, Some(status), None, served, err)
-                }
+        // Every write carries an Idempotency-Key, so an `unknown` answer (timeout, 5xx) can be
+        // retried safely: a replay returns the first answer if the write had applied.
+        let idempotency_key = format!("ps-{seed}-{process}-{n}");
+        let url = format!("{base}/v1/kv/{path}");
+        let mut attempts = 1;
+        let (mut outcome, mut status, mut version, mut served_by_region, mut error) =
+            attempt(&client, method.clone(), &url, &body, &idempotency_key).await;
+        while outcome == Outcome::Unknown && attempts <= UNKNOWN_RETRIES {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            attempts += 1;
+            let again = attempt(&client, method.clone(), &url, &body, &idempotency_key).await;
+            // Only a success settles it: a refusal now says nothing about the first attempt.
+            if again.0 == Outcome::Ok {
+                (outcome, status, version, served_by_region, error) = again;
+            } else {
+                error = again.4.or(error);
             }
-            Err(e) => {
-                let outcome = if e.is_connect() {
-                    Outcome::Fail
-                } else {
-                    Outcome::Unknown
-                };
-                (
-                    outcome,
-                    None,
-                    None,
-                    None,
-                    Some(format!("{e} (timeout: {})", e.is_timeout())),
-                )
-            }
-        };
+        }
         let complete_ms = shared.now_ms();
         let impaired = impaired_before || shared.impaired[process].load(Ordering::SeqCst);
         let op = Op {
@@ -292,6 +335,7 @@ async fn workload(
             nemesis,
             node_impaired: impaired,
             error,
+            attempts,
         };
         shared
             .history
@@ -1137,6 +1181,11 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
 
     // Output.
     let count = |o: Outcome| history.iter().filter(|x| x.outcome == o).count();
+    let retried = history.iter().filter(|o| o.attempts > 1).count();
+    let retried_ok = history
+        .iter()
+        .filter(|o| o.attempts > 1 && o.outcome == Outcome::Ok)
+        .count();
     let (oks, fails, unknowns) = (
         count(Outcome::Ok),
         count(Outcome::Fail),
@@ -1157,6 +1206,8 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
         "fail": fails,
         "unknown": unknowns,
         "lost": lost,
+        "retried": retried,
+        "retried_resolved": retried_ok,
         "convergence_ms": converged_after.map(|d| d.as_millis() as u64),
         "availability_local": availability,
         "availability_local_during_faults": availability_faults,
@@ -1188,6 +1239,10 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
             c["partitions"], c["kill-restart"], c["pause"], c["skew"]
         )
     });
+    row(
+        "unknown answers retried (settled ok)",
+        format!("{retried} ({retried_ok})"),
+    );
     row("acknowledged writes lost", lost.to_string());
     row(
         "convergence after final heal",
@@ -1260,6 +1315,7 @@ mod tests {
             nemesis: "none",
             node_impaired: false,
             error: None,
+            attempts: 1,
         }
     }
 
