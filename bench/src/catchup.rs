@@ -380,14 +380,7 @@ pub async fn run(common: &CommonArgs, opts: &CatchupOpts) -> Result<CatchupRepor
         env.data_dir.display(),
         env.disk.describe()
     );
-    if env.disk.is_memory_backed() {
-        notes.push(
-            "the data directory is on a memory-backed filesystem: fsync costs nothing there".into(),
-        );
-    }
-    if cfg!(debug_assertions) {
-        notes.push("meridian-bench is a debug build; use --release for figures".into());
-    }
+    notes.extend(env.disk.setup_notes());
     let out_dir = std::path::absolute(&common.out)
         .map_err(|e| Error::runtime(format!("resolving {}: {e}", common.out.display())))?;
 

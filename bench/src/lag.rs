@@ -1149,14 +1149,7 @@ pub async fn run(common: &CommonArgs, opts: &LagOpts) -> Result<LagReport> {
         env.data_dir.display(),
         env.disk.describe()
     );
-    if env.disk.is_memory_backed() {
-        notes.push(
-            "the data directory is on a memory-backed filesystem: fsync costs nothing there".into(),
-        );
-    }
-    if cfg!(debug_assertions) {
-        notes.push("meridian-bench is a debug build; use --release for figures".into());
-    }
+    notes.extend(env.disk.setup_notes());
 
     let fsync_floor = if opts.fsync_samples > 0 {
         eprintln!(

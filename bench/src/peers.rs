@@ -36,7 +36,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use hdrhistogram::Histogram;
 use meridian_node::proxy::{DirectionSel, Emulator, EmulatorOptions, LinkSpec, SettingsUpdate};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,7 +51,7 @@ use crate::http::{self, error_chain, make_body};
 use crate::node::log_tail;
 use crate::report::{self, Machine, Row, thousands};
 use crate::setup::{DiskInfo, command_stdout};
-use crate::stats::{LatencyMs, micros, new_histogram};
+use crate::stats::{ClientResult, LatencyMs, MergedClients, merge_clients, micros};
 
 /// The members of the etcd cluster, in the order their ports are picked.
 pub const ETCD_MEMBERS: [&str; 3] = ["etcd-a", "etcd-b", "etcd-c"];
@@ -73,8 +72,6 @@ const FSYNC_SAMPLES: u64 = 200;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client gives up after this many failed requests.
 const MAX_ERRORS_PER_CLIENT: u64 = 100;
-/// Error messages kept per level.
-const KEEP_ERRORS: usize = 3;
 /// Largest Redis reply line read; SET and PING answer a few bytes.
 const MAX_REPLY_BYTES: usize = 4096;
 /// Largest request head a front door reads before choosing a link.
@@ -820,23 +817,9 @@ trait KvWriter: Send + 'static {
     fn write(&mut self, i: u64) -> impl Future<Output = std::result::Result<(), String>> + Send;
 }
 
-struct ClientResult {
-    hist: Histogram<u64>,
-    errors: u64,
-    first_errors: Vec<String>,
-    gave_up: bool,
-    last_answer: Option<Instant>,
-}
-
 /// Sequential writes until `until`; only those sent at or after `measure_from` are recorded.
 async fn closed_loop<W: KvWriter>(mut w: W, measure_from: Instant, until: Instant) -> ClientResult {
-    let mut r = ClientResult {
-        hist: new_histogram(),
-        errors: 0,
-        first_errors: Vec::new(),
-        gave_up: false,
-        last_answer: None,
-    };
+    let mut r = ClientResult::new();
     let mut i = 0u64;
     loop {
         let sent = Instant::now();
@@ -887,38 +870,13 @@ async fn run_level<W: KvWriter>(
         .into_iter()
         .map(|w| tokio::spawn(closed_loop(w, measure_from, until)))
         .collect();
-    let mut hist = new_histogram();
-    let (mut errors, mut gave_up) = (0, 0);
-    let mut first_errors = Vec::new();
-    let mut last_answer = measure_from;
-    for t in tasks {
-        match t.await {
-            Ok(r) => {
-                // Same bounds everywhere, so adding cannot fail.
-                let _ = hist.add(&r.hist);
-                errors += r.errors;
-                gave_up += u64::from(r.gave_up);
-                for e in r.first_errors {
-                    if first_errors.len() < KEEP_ERRORS {
-                        first_errors.push(e);
-                    }
-                }
-                if let Some(t) = r.last_answer {
-                    last_answer = last_answer.max(t);
-                }
-            }
-            Err(e) => {
-                errors += 1;
-                gave_up += 1;
-                if first_errors.len() < KEEP_ERRORS {
-                    first_errors.push(format!("client task failed: {e}"));
-                }
-            }
-        }
-    }
-    let measured_secs = last_answer
-        .saturating_duration_since(measure_from)
-        .as_secs_f64();
+    let MergedClients {
+        hist,
+        errors,
+        gave_up,
+        first_errors,
+        measured_secs,
+    } = merge_clients(tasks, measure_from).await;
     let writes = hist.len();
     let server_cpu_cores = server_cpu
         .iter()
@@ -2200,14 +2158,7 @@ pub async fn run(common: &CommonArgs, opts: &PeersOpts) -> Result<PeersReport> {
     let disk = DiskInfo::of(&data.path);
     let mut notes = install.notes.clone();
     let mut failures = Vec::new();
-    if disk.is_memory_backed() {
-        notes.push(
-            "the data directory is on a memory-backed filesystem: fsync costs nothing there".into(),
-        );
-    }
-    if cfg!(debug_assertions) {
-        notes.push("meridian-bench is a debug build; use --release for figures".into());
-    }
+    notes.extend(disk.setup_notes());
     if common.meridian_bin.is_some() {
         notes.push("--meridian-bin is not used by peers".into());
     }

@@ -1816,16 +1816,7 @@ pub async fn run(common: &CommonArgs, opts: &ScaleOpts) -> Result<ScaleReport> {
         env.data_dir.display(),
         env.disk.describe()
     );
-    if env.disk.is_memory_backed() {
-        notes.push(
-            "the data directory is on a memory-backed filesystem: fsync costs nothing there, \
-             and its files count in the machine's memory"
-                .into(),
-        );
-    }
-    if cfg!(debug_assertions) {
-        notes.push("meridian-bench is a debug build; use --release for figures".into());
-    }
+    notes.extend(env.disk.setup_notes());
 
     let mut keyspace = None;
     if opts.phases.contains(&Phase::Keyspace) {

@@ -55,6 +55,21 @@ impl DiskInfo {
     pub fn is_memory_backed(&self) -> bool {
         matches!(self.fs_type.as_deref(), Some("tmpfs" | "ramfs"))
     }
+    /// The notes every scenario starts with: figures that would not mean what they say.
+    pub fn setup_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.is_memory_backed() {
+            notes.push(
+                "the data directory is on a memory-backed filesystem: fsync costs nothing there, \
+                 and its files count in the machine's memory"
+                    .into(),
+            );
+        }
+        if cfg!(debug_assertions) {
+            notes.push("meridian-bench is a debug build; use --release for figures".into());
+        }
+        notes
+    }
 }
 
 /// Runs a command and gives its stdout if it succeeded.

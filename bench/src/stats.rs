@@ -1,12 +1,97 @@
 //! Histogram helpers. All histograms hold microseconds.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
 /// 1 µs .. 10 min, 3 significant figures.
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// What one closed-loop client measured.
+pub struct ClientResult {
+    pub hist: Histogram<u64>,
+    pub errors: u64,
+    /// The first few error messages (see [`KEEP_ERRORS`]).
+    pub first_errors: Vec<String>,
+    pub gave_up: bool,
+    pub last_answer: Option<Instant>,
+}
+
+/// Error messages kept per client and per merged run.
+pub const KEEP_ERRORS: usize = 3;
+
+impl ClientResult {
+    pub fn new() -> Self {
+        ClientResult {
+            hist: new_histogram(),
+            errors: 0,
+            first_errors: Vec::new(),
+            gave_up: false,
+            last_answer: None,
+        }
+    }
+
+    /// Counts a failed request and keeps its message if there is room.
+    pub fn error(&mut self, message: String) {
+        self.errors += 1;
+        if self.first_errors.len() < KEEP_ERRORS {
+            self.first_errors.push(message);
+        }
+    }
+}
+
+/// The clients of one level, together; `measured_secs` runs from `measure_from` to the last
+/// answer.
+pub struct MergedClients {
+    pub hist: Histogram<u64>,
+    pub errors: u64,
+    pub gave_up: u64,
+    pub first_errors: Vec<String>,
+    pub measured_secs: f64,
+}
+
+/// Waits for every client task and merges what they measured; a task that failed counts as an
+/// error and a client that gave up.
+pub async fn merge_clients(
+    tasks: Vec<tokio::task::JoinHandle<ClientResult>>,
+    measure_from: Instant,
+) -> MergedClients {
+    let mut all = ClientResult::new();
+    let mut gave_up = 0;
+    let mut last_answer = measure_from;
+    for t in tasks {
+        match t.await {
+            Ok(r) => {
+                // Same bounds everywhere, so adding cannot fail.
+                let _ = all.hist.add(&r.hist);
+                all.errors += r.errors;
+                gave_up += u64::from(r.gave_up);
+                for e in r.first_errors {
+                    if all.first_errors.len() < KEEP_ERRORS {
+                        all.first_errors.push(e);
+                    }
+                }
+                if let Some(t) = r.last_answer {
+                    last_answer = last_answer.max(t);
+                }
+            }
+            Err(e) => {
+                gave_up += 1;
+                all.error(format!("client task failed: {e}"));
+            }
+        }
+    }
+    MergedClients {
+        hist: all.hist,
+        errors: all.errors,
+        gave_up,
+        first_errors: all.first_errors,
+        measured_secs: last_answer
+            .saturating_duration_since(measure_from)
+            .as_secs_f64(),
+    }
 }
 
 pub fn micros(d: Duration) -> u64 {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::CommonArgs;
@@ -16,7 +15,7 @@ use crate::fsync::{self, FsyncMode, FsyncStats};
 use crate::http::{self, make_body};
 use crate::report::{self, Machine, Row, thousands};
 use crate::setup::{BenchEnv, SetupInfo};
-use crate::stats::{LatencyMs, micros, new_histogram};
+use crate::stats::{ClientResult, LatencyMs, MergedClients, merge_clients, micros, new_histogram};
 
 /// Target: p50 at one client within this much of the fsync p50.
 const P50_MARGIN_MS: f64 = 0.5;
@@ -350,14 +349,7 @@ pub async fn run(common: &CommonArgs, opts: &WriteOpts) -> Result<WriteReport> {
         env.data_dir.display(),
         env.disk.describe()
     );
-    if env.disk.is_memory_backed() {
-        notes.push(
-            "the data directory is on a memory-backed filesystem: fsync costs nothing there".into(),
-        );
-    }
-    if cfg!(debug_assertions) {
-        notes.push("meridian-bench is a debug build; use --release for figures".into());
-    }
+    notes.extend(env.disk.setup_notes());
     if let Some(bin) = &env.meridian_bin
         && bin
             .parent()
@@ -530,14 +522,6 @@ async fn latency_run(
     (stats, first_errors)
 }
 
-struct ClientResult {
-    hist: Histogram<u64>,
-    errors: u64,
-    first_errors: Vec<String>,
-    gave_up: bool,
-    last_answer: Option<Instant>,
-}
-
 async fn throughput_run(
     http: &reqwest::Client,
     base: &Arc<str>,
@@ -564,39 +548,13 @@ async fn throughput_run(
         )));
     }
 
-    let mut hist = new_histogram();
-    let mut errors = 0;
-    let mut gave_up = 0;
-    let mut first_errors = Vec::new();
-    let mut last_answer = measure_from;
-    for t in tasks {
-        match t.await {
-            Ok(r) => {
-                // Same bounds everywhere, so adding cannot fail.
-                let _ = hist.add(&r.hist);
-                errors += r.errors;
-                gave_up += u64::from(r.gave_up);
-                for e in r.first_errors {
-                    if first_errors.len() < KEEP_ERRORS {
-                        first_errors.push(e);
-                    }
-                }
-                if let Some(t) = r.last_answer {
-                    last_answer = last_answer.max(t);
-                }
-            }
-            Err(e) => {
-                errors += 1;
-                gave_up += 1;
-                if first_errors.len() < KEEP_ERRORS {
-                    first_errors.push(format!("client task failed: {e}"));
-                }
-            }
-        }
-    }
-    let measured_secs = last_answer
-        .saturating_duration_since(measure_from)
-        .as_secs_f64();
+    let MergedClients {
+        hist,
+        errors,
+        gave_up,
+        first_errors,
+        measured_secs,
+    } = merge_clients(tasks, measure_from).await;
     let writes = hist.len();
     let stats = ThroughputStats {
         clients,
@@ -628,13 +586,7 @@ async fn client_loop(
     measure_from: Instant,
     until: Instant,
 ) -> ClientResult {
-    let mut r = ClientResult {
-        hist: new_histogram(),
-        errors: 0,
-        first_errors: Vec::new(),
-        gave_up: false,
-        last_answer: None,
-    };
+    let mut r = ClientResult::new();
     let mut url = String::with_capacity(base.len() + prefix.len() + 40);
     let mut i = 0u64;
     loop {

@@ -1266,6 +1266,44 @@ impl EmulatorHandle {
     }
 }
 
+/// Binds every spec's `via` before anything runs, so an error leaves nothing behind; answers
+/// each spec with its socket and the address actually bound (port 0 picks one).
+async fn bind_all<S, F, Fut>(
+    specs: Vec<LinkSpec>,
+    bind: F,
+) -> Result<Vec<(LinkSpec, S, SocketAddr)>, ProxyError>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(S, SocketAddr)>>,
+{
+    if specs.is_empty() {
+        return Err(ProxyError::NoLinks);
+    }
+    let mut bound = Vec::with_capacity(specs.len());
+    for spec in specs {
+        match bind(spec.via).await {
+            Ok((socket, via)) => bound.push((spec, socket, via)),
+            Err(source) => {
+                return Err(ProxyError::Bind {
+                    from: spec.from,
+                    to: spec.to,
+                    via: spec.via,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(bound)
+}
+
+/// The generator of the links' own seeds: from `options.seed`, or from the clock.
+fn link_seeds(options: &EmulatorOptions, links: usize) -> Rng {
+    match options.seed {
+        Some(seed) => Rng::new(seed),
+        None => Rng::from_entropy(links as u64),
+    }
+}
+
 /// A running link emulator. Dropping it stops every relay.
 pub struct Emulator {
     handle: EmulatorHandle,
@@ -1294,31 +1332,14 @@ impl Emulator {
         specs: Vec<LinkSpec>,
         options: EmulatorOptions,
     ) -> Result<Emulator, ProxyError> {
-        if specs.is_empty() {
-            return Err(ProxyError::NoLinks);
-        }
-        let mut bound = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let socket = UdpSocket::bind(spec.via)
-                .await
-                .and_then(|s| s.local_addr().map(|a| (s, a)));
-            match socket {
-                Ok((socket, via)) => bound.push((spec, socket, via)),
-                Err(source) => {
-                    return Err(ProxyError::Bind {
-                        from: spec.from,
-                        to: spec.to,
-                        via: spec.via,
-                        source,
-                    });
-                }
-            }
-        }
+        let bound = bind_all(specs, |via| async move {
+            let socket = UdpSocket::bind(via).await?;
+            let local = socket.local_addr()?;
+            Ok((socket, local))
+        })
+        .await?;
         let epoch = Instant::now();
-        let mut seeds = match options.seed {
-            Some(seed) => Rng::new(seed),
-            None => Rng::from_entropy(bound.len() as u64),
-        };
+        let mut seeds = link_seeds(&options, bound.len());
         let mut tasks = JoinSet::new();
         let mut links = Vec::with_capacity(bound.len());
         for (spec, socket, via) in bound {
@@ -1399,30 +1420,13 @@ impl Emulator {
         specs: Vec<LinkSpec>,
         options: EmulatorOptions,
     ) -> Result<Emulator, ProxyError> {
-        if specs.is_empty() {
-            return Err(ProxyError::NoLinks);
-        }
-        let mut bound = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let listener = TcpListener::bind(spec.via)
-                .await
-                .and_then(|l| l.local_addr().map(|a| (l, a)));
-            match listener {
-                Ok((listener, via)) => bound.push((spec, listener, via)),
-                Err(source) => {
-                    return Err(ProxyError::Bind {
-                        from: spec.from,
-                        to: spec.to,
-                        via: spec.via,
-                        source,
-                    });
-                }
-            }
-        }
-        let mut seeds = match options.seed {
-            Some(seed) => Rng::new(seed),
-            None => Rng::from_entropy(bound.len() as u64),
-        };
+        let bound = bind_all(specs, |via| async move {
+            let listener = TcpListener::bind(via).await?;
+            let local = listener.local_addr()?;
+            Ok((listener, local))
+        })
+        .await?;
+        let mut seeds = link_seeds(&options, bound.len());
         let mut tasks = JoinSet::new();
         let mut links = Vec::with_capacity(bound.len());
         for (spec, listener, via) in bound {

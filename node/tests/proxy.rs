@@ -589,39 +589,7 @@ async fn control_api_reads_changes_and_validates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (eu_api, us_api) = (common::free_tcp_port(), common::free_tcp_port());
-    let text = format!(
-        r#"cluster = "proxy-test"
-[tls]
-ca = "certs/ca.pem"
-[[regions]]
-name = "eu-west"
-[[regions]]
-name = "us-east"
-[[nodes]]
-id = "eu-1"
-region = "eu-west"
-peer = "127.0.0.1:{eu_peer}"
-api = "127.0.0.1:{eu_api}"
-[[nodes]]
-id = "us-1"
-region = "us-east"
-peer = "127.0.0.1:{us_peer}"
-api = "127.0.0.1:{us_api}"
-[[links]]
-from = "eu-1"
-to = "us-1"
-via = "127.0.0.1:{via1}"
-[[links]]
-from = "us-1"
-to = "eu-1"
-via = "127.0.0.1:{via2}"
-"#,
-        eu_peer = common::free_udp_port(),
-        us_peer = common::free_udp_port(),
-        via1 = common::free_udp_port(),
-        via2 = common::free_udp_port(),
-    );
+    let text = common::two_region_topology("proxy-test", &[("eu-1", "us-1"), ("us-1", "eu-1")]);
     let path = dir.path().join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
     let topology = meridian_node::topology::Topology::load(&path).expect("valid topology");
@@ -790,37 +758,12 @@ async fn clients_are_bounded_and_idle_ones_evicted() {
 async fn cli_runs_the_emulator_until_sigterm() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let via = common::free_udp_port();
-    let us_peer = common::free_udp_port();
-    let text = format!(
-        r#"cluster = "proxy-cli"
-[tls]
-ca = "certs/ca.pem"
-[[regions]]
-name = "eu-west"
-[[regions]]
-name = "us-east"
-[[nodes]]
-id = "eu-1"
-region = "eu-west"
-peer = "127.0.0.1:{eu_peer}"
-api = "127.0.0.1:{eu_api}"
-[[nodes]]
-id = "us-1"
-region = "us-east"
-peer = "127.0.0.1:{us_peer}"
-api = "127.0.0.1:{us_api}"
-[[links]]
-from = "eu-1"
-to = "us-1"
-via = "127.0.0.1:{via}"
-"#,
-        eu_peer = common::free_udp_port(),
-        eu_api = common::free_tcp_port(),
-        us_api = common::free_tcp_port(),
-    );
+    let text = common::two_region_topology("proxy-cli", &[("eu-1", "us-1")]);
     let path = dir.path().join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
+    let topology = meridian_node::topology::Topology::load(&path).expect("valid topology");
+    let via = topology.links[0].via.port();
+    let us_peer = topology.node("us-1").expect("us-1").peer.port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["proxy", "--topology"])
         .arg(&path)
