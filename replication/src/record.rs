@@ -1,22 +1,28 @@
 //! A record is an automerge document; this module maps JSON onto it and back.
 //!
-//! # Document layout
+//! # Document layout (record format 2)
 //!
-//! Every record document starts from the same *genesis* change: a fixed actor, time 0, no
-//! message, creating two maps under the root, `v` (the user's value) and `c` (counters).
-//! Because its bytes are identical everywhere, two regions that create the same record
-//! concurrently share the `v` and `c` objects, so their edits merge field by field instead of
-//! one region's whole value replacing the other's.
+//! Everything lives in the document's root map, which every replica shares from the start, so
+//! two regions that create the same record concurrently merge field by field instead of one
+//! region's whole value replacing the other's. Root keys are namespaced by a prefix:
 //!
-//! * `v` holds the user's JSON object: maps, lists, strings, i64/u64 integers, floats,
-//!   booleans and null.
-//! * `c` holds counters. A counter field `f` is the sum of the entries `f\u{1f}<actor>`, one per
-//!   writer (actor = node + incarnation). Each writer only creates and increments its own
-//!   entry, so concurrent first increments in two regions never collide on one automerge key
-//!   (automerge would keep only one of two concurrently *created* counters), and every
+//! * `v:<field>` holds the top-level field `<field>` of the user's JSON object: maps, lists,
+//!   strings, i64/u64 integers, floats, booleans and null.
+//! * `c:<field>\u{1f}<actor>` holds counters. A counter field `f` is the sum of its entries,
+//!   one per writer (actor = node + incarnation). Each writer only creates and increments its
+//!   own entry, so concurrent first increments in two regions never collide on one automerge
+//!   key (automerge would keep only one of two concurrently *created* counters), and every
 //!   increment counts.
 //! * `live` is set to the writer's version string by every write and removed by a delete. A
 //!   record exists while `live` is present.
+//!
+//! Why flat, and not a `v` map under the root: automerge's cost is per operation inserted into
+//! its op set (~10 µs each in 0.12), and a batch insert (`init_root_from_hydrate`,
+//! `batch_create_object`) costs about as much as two. A record's first write builds the whole
+//! root in one batch, and every new nested object or array is created in one batch, which is
+//! only possible for objects that the batch itself creates — the root of an empty document is
+//! one. (Format 1 created shared `v`/`c` maps in a fixed genesis change; every field then cost
+//! one insert.)
 //!
 //! # Delete against a concurrent update
 //!
@@ -38,7 +44,7 @@ use std::collections::BTreeMap;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
     ActorId, AutoCommit, AutomergeError, Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue,
-    Value as AmValue,
+    Value as AmValue, hydrate,
 };
 use serde::Serialize;
 use serde_json::{Map, Number, Value as Json};
@@ -48,11 +54,12 @@ use crate::version::Version;
 /// Deepest JSON nesting accepted in a value (an object at the top is depth 1).
 pub const MAX_DEPTH: usize = 32;
 
-const VALUE_KEY: &str = "v";
-const COUNTERS_KEY: &str = "c";
+/// Root keys of the user's top-level fields start with this.
+const VALUE_PREFIX: &str = "v:";
+/// Root keys of counter entries start with this.
+const COUNTER_PREFIX: &str = "c:";
 const LIVE_KEY: &str = "live";
 const COUNTER_SEPARATOR: char = '\u{1f}';
-const GENESIS_ACTOR: &[u8] = b"meridian/genesis/v1";
 
 /// What a read shows of a record.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -135,34 +142,46 @@ pub fn change_version(change: &Change) -> Option<Version> {
     change.message().and_then(|m| m.parse().ok())
 }
 
-fn genesis() -> Result<AutoCommit, AutomergeError> {
-    let mut doc = AutoCommit::new().with_actor(ActorId::from(GENESIS_ACTOR));
-    doc.put_object(ROOT, VALUE_KEY, ObjType::Map)?;
-    doc.put_object(ROOT, COUNTERS_KEY, ObjType::Map)?;
-    // Time 0 and no message: the genesis change must have identical bytes everywhere.
-    doc.commit_with(CommitOptions::default().with_time(0));
-    Ok(doc)
+fn value_key(field: &str) -> String {
+    let mut key = String::with_capacity(VALUE_PREFIX.len() + field.len());
+    key.push_str(VALUE_PREFIX);
+    key.push_str(field);
+    key
+}
+
+fn counter_key(field: &str, tag: &str) -> String {
+    format!("{COUNTER_PREFIX}{field}{COUNTER_SEPARATOR}{tag}")
+}
+
+/// The root keys that start with `prefix` (a range: root keys are ordered).
+fn prefix_range(prefix: &str) -> std::ops::Range<String> {
+    let mut end = prefix.to_string();
+    // Both prefixes end in ':'; the next character bounds the range.
+    end.pop();
+    end.push(';');
+    prefix.to_string()..end
 }
 
 /// One record's document, with the actor of this node's incarnation.
 pub struct RecordDoc {
     doc: AutoCommit,
     counter_tag: String,
+    /// The view, when known without rendering: right after a record's first write, it is the
+    /// written value with its keys ordered as automerge orders them. Any other edit or merge
+    /// clears it.
+    known_view: Option<RecordView>,
 }
 
 impl RecordDoc {
-    /// A record that does not exist yet: only the genesis change.
+    /// A record that does not exist yet: an empty document.
     pub fn new(actor: ActorId) -> Result<Self, RecordError> {
-        // Building genesis costs tens of microseconds; a clone of a built one is a copy.
-        static GENESIS: std::sync::OnceLock<Result<AutoCommit, String>> =
-            std::sync::OnceLock::new();
         let counter_tag = actor.to_hex_string();
-        let mut doc = GENESIS
-            .get_or_init(|| genesis().map_err(|e| e.to_string()))
-            .clone()
-            .map_err(RecordError::Corrupt)?;
-        doc.set_actor(actor);
-        Ok(RecordDoc { doc, counter_tag })
+        let doc = AutoCommit::new().with_actor(actor);
+        Ok(RecordDoc {
+            doc,
+            counter_tag,
+            known_view: None,
+        })
     }
 
     /// Load stored bytes (a saved document, optionally followed by appended change chunks).
@@ -171,13 +190,23 @@ impl RecordDoc {
         let doc = AutoCommit::load(bytes)
             .map_err(|e| RecordError::Corrupt(e.to_string()))?
             .with_actor(actor);
-        let record = RecordDoc { doc, counter_tag };
-        if record.object(VALUE_KEY).is_none() || record.object(COUNTERS_KEY).is_none() {
+        let record = RecordDoc {
+            doc,
+            counter_tag,
+            known_view: None,
+        };
+        // A format-1 document kept the value in a `v` map; its fields would all be invisible.
+        if record.doc.get(ROOT, "v")?.is_some() || record.doc.get(ROOT, "c")?.is_some() {
             return Err(RecordError::Corrupt(
-                "document lacks the genesis objects".to_string(),
+                "document has the record format 1 layout (a `v` map under the root)".to_string(),
             ));
         }
         Ok(record)
+    }
+
+    /// True when the document holds no change at all (a record never written here).
+    fn is_blank(&self) -> bool {
+        self.doc.is_empty() && self.doc.pending_ops() == 0
     }
 
     /// The whole document, compacted.
@@ -197,24 +226,63 @@ impl RecordDoc {
         stamp: Version,
     ) -> Result<LocalChange, RecordError> {
         check_depth(value)?;
+        if self.is_blank() {
+            return self.create(value, stamp);
+        }
         self.edit(stamp, |rec| {
-            let v = rec.value_obj()?;
-            let c = rec.counters_obj()?;
-            let totals = rec.counter_totals(&c)?;
+            let totals = rec.counter_totals()?;
             let mut plain = value.clone();
             for (field, (total, entries)) in totals {
-                let keep_counter = rec.doc.get(&v, field.as_str())?.is_none()
+                let keep_counter = rec.doc.get(ROOT, value_key(&field))?.is_none()
                     && plain.get(&field).and_then(Json::as_i64) == Some(total);
                 if keep_counter {
                     plain.remove(&field);
                 } else {
                     for entry in entries {
-                        rec.doc.delete(&c, entry.as_str())?;
+                        rec.doc.delete(ROOT, entry.as_str())?;
                     }
                 }
             }
-            put_map(&mut rec.doc, &v, &plain)
+            let stale: Vec<String> = rec
+                .doc
+                .map_range(ROOT, prefix_range(VALUE_PREFIX))
+                .filter(|item| !plain.contains_key(&item.key[VALUE_PREFIX.len()..]))
+                .map(|item| item.key.to_string())
+                .collect();
+            for key in stale {
+                rec.doc.delete(ROOT, key.as_str())?;
+            }
+            for (field, v) in &plain {
+                set_field(&mut rec.doc, &ROOT, &value_key(field), v)?;
+            }
+            Ok(())
         })
+    }
+
+    /// The first write of a record: the whole root (fields and `live`) in one batch insert.
+    fn create(
+        &mut self,
+        value_fields: &Map<String, Json>,
+        stamp: Version,
+    ) -> Result<LocalChange, RecordError> {
+        let mut root: std::collections::HashMap<String, hydrate::Value> = value_fields
+            .iter()
+            .map(|(field, v)| (value_key(field), hydrate_of(v)))
+            .collect();
+        root.insert(
+            LIVE_KEY.to_string(),
+            hydrate::Value::Scalar(ScalarValue::Str(stamp.to_string().into())),
+        );
+        let result = self
+            .doc
+            .init_root_from_hydrate(&hydrate::Map::from(root))
+            .map_err(RecordError::from);
+        let change = self.finish(result, stamp)?;
+        self.known_view = Some(RecordView {
+            value: fields_in_key_order(value_fields),
+            conflicts: BTreeMap::new(),
+        });
+        Ok(change)
     }
 
     /// Apply an RFC 7386 JSON merge patch to the value.
@@ -224,24 +292,30 @@ impl RecordDoc {
         stamp: Version,
     ) -> Result<LocalChange, RecordError> {
         check_depth(patch)?;
+        if self.is_blank() {
+            // RFC 7386 against nothing: the patch without its nulls.
+            let Json::Object(value) = strip_nulls(&Json::Object(patch.clone())) else {
+                return Err(RecordError::NoChange);
+            };
+            return self.create(&value, stamp);
+        }
         self.edit(stamp, |rec| {
-            let v = rec.value_obj()?;
-            let c = rec.counters_obj()?;
-            let totals = rec.counter_totals(&c)?;
+            let totals = rec.counter_totals()?;
             for (field, patch_value) in patch {
+                let key = value_key(field);
                 if let Some((total, entries)) = totals.get(field) {
                     // Writing a counter field with its current total keeps it a counter;
                     // anything else replaces the counter.
-                    if rec.doc.get(&v, field.as_str())?.is_none()
+                    if rec.doc.get(ROOT, key.as_str())?.is_none()
                         && patch_value.as_i64() == Some(*total)
                     {
                         continue;
                     }
                     for entry in entries {
-                        rec.doc.delete(&c, entry.as_str())?;
+                        rec.doc.delete(ROOT, entry.as_str())?;
                     }
                 }
-                merge_patch_field(&mut rec.doc, &v, field, patch_value)?;
+                merge_patch_field(&mut rec.doc, &ROOT, &key, patch_value)?;
             }
             Ok(())
         })
@@ -257,15 +331,13 @@ impl RecordDoc {
         if field.is_empty() || field.contains(COUNTER_SEPARATOR) {
             return Err(RecordError::BadCounterField);
         }
-        let v = self.value_obj()?;
-        if let Some((current, _)) = self.doc.get(&v, field)? {
+        if let Some((current, _)) = self.doc.get(ROOT, value_key(field))? {
             return Err(RecordError::NotACounter {
                 field: field.to_string(),
                 found: kind_name(&current),
             });
         }
-        let c = self.counters_obj()?;
-        let totals = self.counter_totals(&c)?;
+        let totals = self.counter_totals()?;
         let total = totals.get(field).map_or(0, |(t, _)| *t);
         if total.checked_add(by).is_none() {
             return Err(RecordError::CounterOverflow {
@@ -273,12 +345,13 @@ impl RecordDoc {
                 by,
             });
         }
-        let entry = format!("{field}{COUNTER_SEPARATOR}{}", self.counter_tag);
+        let entry = counter_key(field, &self.counter_tag);
         self.edit(stamp, |rec| {
-            if rec.doc.get(&c, entry.as_str())?.is_some() {
-                rec.doc.increment(&c, entry.as_str(), by)?;
+            if rec.doc.get(ROOT, entry.as_str())?.is_some() {
+                rec.doc.increment(ROOT, entry.as_str(), by)?;
             } else {
-                rec.doc.put(&c, entry.as_str(), ScalarValue::counter(by))?;
+                rec.doc
+                    .put(ROOT, entry.as_str(), ScalarValue::counter(by))?;
             }
             Ok(())
         })
@@ -289,16 +362,12 @@ impl RecordDoc {
         if !self.exists() {
             return Err(RecordError::NotFound);
         }
-        let v = self.value_obj()?;
-        let c = self.counters_obj()?;
         let result = (|| -> Result<(), RecordError> {
-            for obj in [&v, &c] {
-                let keys: Vec<String> = self.doc.keys(obj).collect();
-                for key in keys {
-                    self.doc.delete(obj, key.as_str())?;
-                }
+            // Every field, every counter entry and `live`: all of the root.
+            let keys: Vec<String> = self.doc.keys(ROOT).collect();
+            for key in keys {
+                self.doc.delete(ROOT, key.as_str())?;
             }
-            self.doc.delete(ROOT, LIVE_KEY)?;
             Ok(())
         })();
         self.finish(result, stamp)
@@ -307,14 +376,39 @@ impl RecordDoc {
     /// The record as a read shows it, or `None` if it does not exist (never written, or
     /// deleted).
     pub fn view(&self) -> Result<Option<RecordView>, RecordError> {
+        if let Some(known) = &self.known_view {
+            return Ok(Some(known.clone()));
+        }
+        self.render_view()
+    }
+
+    /// The view rendered from the document (what [`RecordDoc::view`] shows when it has no
+    /// known view).
+    pub fn render_view(&self) -> Result<Option<RecordView>, RecordError> {
         if !self.exists() {
             return Ok(None);
         }
-        let v = self.value_obj()?;
-        let c = self.counters_obj()?;
         let mut conflicts = BTreeMap::new();
-        let mut value = render_map(&self.doc, &v, Some(""), &mut conflicts)?;
-        for (field, (total, _)) in self.counter_totals(&c)? {
+        let mut value = Map::new();
+        for item in self.doc.map_range(ROOT, prefix_range(VALUE_PREFIX)) {
+            let field = &item.key[VALUE_PREFIX.len()..];
+            let field_path = pointer_push("", field);
+            let item_id = item.id();
+            let item_value = AmValue::from(item.value);
+            if item.conflict {
+                let losers = losers(&self.doc, &ROOT, item.key.as_ref().into(), &item_id)?;
+                conflicts.insert(field_path.clone(), losers);
+            }
+            let rendered = render_any(
+                &self.doc,
+                &item_value,
+                &item_id,
+                Some(&field_path),
+                &mut conflicts,
+            )?;
+            value.insert(field.to_string(), rendered);
+        }
+        for (field, (total, _)) in self.counter_totals()? {
             if value.contains_key(&field) {
                 // A plain value written concurrently with the first increment: the plain
                 // value is shown, the counter is reported as the conflicting value.
@@ -345,6 +439,7 @@ impl RecordDoc {
             }
             decoded.push(change);
         }
+        self.known_view = None;
         self.doc.apply_changes(decoded)?;
         Ok(newest)
     }
@@ -376,6 +471,7 @@ impl RecordDoc {
         if decoded.is_empty() {
             return Ok(out);
         }
+        self.known_view = None;
         let doc = &mut self.doc;
         let applied =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(decoded)));
@@ -397,13 +493,11 @@ impl RecordDoc {
         Ok(out)
     }
 
-    /// Every change of the document except genesis, as bytes, in causal order.
+    /// Every change of the document, as bytes, in causal order.
     pub fn changes(&mut self) -> Vec<Vec<u8>> {
-        let genesis_actor = ActorId::from(GENESIS_ACTOR);
         self.doc
             .get_changes(&[])
             .into_iter()
-            .filter(|c| c.actor_id() != &genesis_actor)
             .map(|c| c.raw_bytes().to_vec())
             .collect()
     }
@@ -436,6 +530,7 @@ impl RecordDoc {
         result: Result<(), RecordError>,
         stamp: Version,
     ) -> Result<LocalChange, RecordError> {
+        self.known_view = None;
         if let Err(e) = result {
             self.doc.rollback();
             return Err(e);
@@ -454,35 +549,16 @@ impl RecordDoc {
         })
     }
 
-    fn object(&self, key: &str) -> Option<ObjId> {
-        match self.doc.get(ROOT, key) {
-            Ok(Some((AmValue::Object(ObjType::Map), id))) => Some(id),
-            _ => None,
-        }
-    }
-
-    fn value_obj(&self) -> Result<ObjId, RecordError> {
-        self.object(VALUE_KEY)
-            .ok_or_else(|| RecordError::Corrupt("value map missing".to_string()))
-    }
-
-    fn counters_obj(&self) -> Result<ObjId, RecordError> {
-        self.object(COUNTERS_KEY)
-            .ok_or_else(|| RecordError::Corrupt("counter map missing".to_string()))
-    }
-
-    /// Counter fields: total and the entry keys that make it up.
-    fn counter_totals(
-        &self,
-        c: &ObjId,
-    ) -> Result<BTreeMap<String, (i64, Vec<String>)>, RecordError> {
+    /// Counter fields: total and the root keys of the entries that make it up.
+    fn counter_totals(&self) -> Result<BTreeMap<String, (i64, Vec<String>)>, RecordError> {
         let mut totals: BTreeMap<String, (i64, Vec<String>)> = BTreeMap::new();
-        for entry in self.doc.keys(c) {
+        for item in self.doc.map_range(ROOT, prefix_range(COUNTER_PREFIX)) {
+            let entry = &item.key[COUNTER_PREFIX.len()..];
             let Some((field, _writer)) = entry.rsplit_once(COUNTER_SEPARATOR) else {
                 continue;
             };
-            let amount = match self.doc.get(c, entry.as_str())? {
-                Some((AmValue::Scalar(s), _)) => match s.as_ref() {
+            let amount = match AmValue::from(item.value) {
+                AmValue::Scalar(s) => match s.as_ref() {
                     ScalarValue::Counter(n) => i64::from(n),
                     ScalarValue::Int(n) => *n,
                     _ => 0,
@@ -491,7 +567,7 @@ impl RecordDoc {
             };
             let slot = totals.entry(field.to_string()).or_insert((0, Vec::new()));
             slot.0 = slot.0.saturating_add(amount);
-            slot.1.push(entry);
+            slot.1.push(item.key.to_string());
         }
         Ok(totals)
     }
@@ -531,45 +607,52 @@ fn scalar_of(number: &Number) -> ScalarValue {
     }
 }
 
-/// Put `value` under a map key as a fresh value (a new object for objects and arrays).
-fn put_new(doc: &mut AutoCommit, obj: &ObjId, key: &str, value: &Json) -> Result<(), RecordError> {
+/// A JSON object with the keys of every object in it ordered as automerge orders map keys
+/// (by their UTF-8 bytes), which is how a rendered view shows them.
+fn fields_in_key_order(map: &Map<String, Json>) -> Map<String, Json> {
+    fn ordered(value: &Json) -> Json {
+        match value {
+            Json::Object(m) => Json::Object(fields_in_key_order(m)),
+            Json::Array(items) => Json::Array(items.iter().map(ordered).collect()),
+            other => other.clone(),
+        }
+    }
+    let mut entries: Vec<(&String, &Json)> = map.iter().collect();
+    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.clone(), ordered(v)))
+        .collect()
+}
+
+/// The value as automerge's batch inserts take it: strings stay scalars (not text objects).
+fn hydrate_of(value: &Json) -> hydrate::Value {
     match value {
         Json::Object(m) => {
-            let child = doc.put_object(obj, key, ObjType::Map)?;
-            for (k, v) in m {
-                put_new(doc, &child, k, v)?;
-            }
+            let map: std::collections::HashMap<String, hydrate::Value> =
+                m.iter().map(|(k, v)| (k.clone(), hydrate_of(v))).collect();
+            hydrate::Value::Map(hydrate::Map::from(map))
         }
         Json::Array(items) => {
-            let child = doc.put_object(obj, key, ObjType::List)?;
-            fill_list(doc, &child, items)?;
+            hydrate::Value::List(items.iter().map(hydrate_of).collect::<Vec<_>>().into())
+        }
+        Json::Null => hydrate::Value::Scalar(ScalarValue::Null),
+        Json::Bool(b) => hydrate::Value::Scalar(ScalarValue::Boolean(*b)),
+        Json::Number(n) => hydrate::Value::Scalar(scalar_of(n)),
+        Json::String(s) => hydrate::Value::Scalar(ScalarValue::Str(s.as_str().into())),
+    }
+}
+
+/// Put `value` under a map key as a fresh value; a new object or array is built in one batch.
+fn put_new(doc: &mut AutoCommit, obj: &ObjId, key: &str, value: &Json) -> Result<(), RecordError> {
+    match value {
+        Json::Object(_) | Json::Array(_) => {
+            doc.batch_create_object(obj, key, &hydrate_of(value), false)?;
         }
         Json::Null => doc.put(obj, key, ScalarValue::Null)?,
         Json::Bool(b) => doc.put(obj, key, *b)?,
         Json::Number(n) => doc.put(obj, key, scalar_of(n))?,
         Json::String(s) => doc.put(obj, key, s.as_str())?,
-    }
-    Ok(())
-}
-
-fn fill_list(doc: &mut AutoCommit, list: &ObjId, items: &[Json]) -> Result<(), RecordError> {
-    for (i, item) in items.iter().enumerate() {
-        match item {
-            Json::Object(m) => {
-                let child = doc.insert_object(list, i, ObjType::Map)?;
-                for (k, v) in m {
-                    put_new(doc, &child, k, v)?;
-                }
-            }
-            Json::Array(inner) => {
-                let child = doc.insert_object(list, i, ObjType::List)?;
-                fill_list(doc, &child, inner)?;
-            }
-            Json::Null => doc.insert(list, i, ScalarValue::Null)?,
-            Json::Bool(b) => doc.insert(list, i, *b)?,
-            Json::Number(n) => doc.insert(list, i, scalar_of(n))?,
-            Json::String(s) => doc.insert(list, i, s.as_str())?,
-        }
     }
     Ok(())
 }

@@ -4,8 +4,9 @@
 //! against a limit before anything is allocated, so a hostile or broken peer cannot make a node
 //! allocate without bound or panic.
 
-/// Bumped on any incompatible change; both sides must agree.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Bumped on any incompatible change; both sides must agree. 2: changes edit the flat record
+/// layout (record format 2), which a format-1 document cannot merge with.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted (a batch of changes).
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Changes in one batch at most.

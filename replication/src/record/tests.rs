@@ -154,7 +154,7 @@ fn delete_hides_the_record_and_a_second_delete_is_not_found() {
 }
 
 #[test]
-fn genesis_is_identical_so_concurrent_creations_merge_field_by_field() {
+fn concurrent_creations_merge_field_by_field() {
     let mut a = RecordDoc::new(actor(1)).unwrap();
     let mut b = RecordDoc::new(actor(2)).unwrap();
     a.put(&obj(json!({"from_a": 1})), stamp(1, 1)).unwrap();
@@ -166,6 +166,76 @@ fn genesis_is_identical_so_concurrent_creations_merge_field_by_field() {
         json!({"from_a": 1, "from_b": 2})
     );
     assert_eq!(va, view(&b));
+}
+
+#[test]
+fn concurrent_creations_of_one_nested_field_keep_one_and_show_the_other() {
+    // Both first writes build their root in one batch; the nested objects are distinct, so
+    // automerge keeps one and the other is the conflict, identically in either merge order.
+    let mut a = RecordDoc::new(actor(1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    a.put(
+        &obj(json!({"addr": {"city": "Oslo"}, "a": [1, 2]})),
+        stamp(1, 1),
+    )
+    .unwrap();
+    b.put(
+        &obj(json!({"addr": {"city": "Lima"}, "b": true})),
+        stamp(1, 2),
+    )
+    .unwrap();
+    let (from_a, from_b) = (a.changes(), b.changes());
+    let mut ab = RecordDoc::new(actor(3)).unwrap();
+    ab.apply_remote(from_a.iter().chain(&from_b).map(Vec::as_slice))
+        .unwrap();
+    let mut ba = RecordDoc::new(actor(4)).unwrap();
+    ba.apply_remote(from_b.iter().map(Vec::as_slice)).unwrap();
+    ba.apply_remote(from_a.iter().map(Vec::as_slice)).unwrap();
+    let (v1, v2) = (view(&ab), view(&ba));
+    assert_eq!(v1, v2);
+    assert_eq!(v1.value["a"], json!([1, 2]));
+    assert_eq!(v1.value["b"], json!(true));
+    let winner = v1.value["addr"]["city"].as_str().unwrap().to_string();
+    let loser = if winner == "Oslo" { "Lima" } else { "Oslo" };
+    assert_eq!(v1.conflicts["/addr"], vec![json!({"city": loser})]);
+}
+
+#[test]
+fn fields_inside_a_batch_created_object_merge_with_concurrent_edits() {
+    let mut a = RecordDoc::new(actor(1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    a.put(
+        &obj(json!({"profile": {"name": "ada", "langs": ["en"]}, "n": 1})),
+        stamp(1, 1),
+    )
+    .unwrap();
+    sync(&mut a, &mut b);
+    a.patch(&obj(json!({"profile": {"name": "Ada"}})), stamp(2, 1))
+        .unwrap();
+    b.patch(
+        &obj(json!({"profile": {"city": "London"}, "n": 2})),
+        stamp(2, 2),
+    )
+    .unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(view(&a), view(&b));
+    assert_eq!(
+        Json::Object(view(&a).value),
+        json!({"profile": {"name": "Ada", "langs": ["en"], "city": "London"}, "n": 2})
+    );
+    assert!(view(&a).conflicts.is_empty());
+}
+
+#[test]
+fn a_record_format_1_document_is_refused_on_load() {
+    let mut old = AutoCommit::new();
+    old.put_object(ROOT, "v", ObjType::Map).unwrap();
+    old.put_object(ROOT, "c", ObjType::Map).unwrap();
+    let bytes = old.save();
+    match RecordDoc::load(&bytes, actor(1)) {
+        Err(RecordError::Corrupt(why)) => assert!(why.contains("format 1"), "{why}"),
+        other => panic!("format 1 loaded: {:?}", other.map(|_| ())),
+    }
 }
 
 #[test]
@@ -350,6 +420,37 @@ proptest! {
         // A second put of the same value changes nothing but the version.
         loaded.put(&value, stamp(2, 1)).unwrap();
         prop_assert_eq!(&view(&loaded).value, &value);
+    }
+
+    #[test]
+    fn the_known_view_of_a_first_write_is_what_rendering_shows(
+        value in arb_object(),
+        with_nulls in arb_object(),
+    ) {
+        // Insertion order reversed, so that the known view must reorder keys as rendering does.
+        let reversed: Map<String, Json> = value.iter().rev().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut doc = RecordDoc::new(actor(1)).unwrap();
+        doc.put(&reversed, stamp(1, 1)).unwrap();
+        let known = doc.view().unwrap();
+        let rendered = doc.render_view().unwrap();
+        prop_assert_eq!(&known, &rendered);
+        prop_assert_eq!(
+            serde_json::to_vec(&known).unwrap(),
+            serde_json::to_vec(&rendered).unwrap()
+        );
+        // A patch that creates the record drops its nulls; the known view agrees too.
+        let mut patched = RecordDoc::new(actor(1)).unwrap();
+        patched.patch(&with_nulls, stamp(1, 1)).unwrap();
+        let known = patched.view().unwrap();
+        prop_assert_eq!(
+            serde_json::to_vec(&known).unwrap(),
+            serde_json::to_vec(&patched.render_view().unwrap()).unwrap()
+        );
+        // Any later edit renders again.
+        // (Generated field names are at most 8 characters: this one cannot collide.)
+        doc.incr("a-counter-field", 2, stamp(2, 1)).unwrap();
+        prop_assert_eq!(doc.view().unwrap(), doc.render_view().unwrap());
+        prop_assert_eq!(&doc.view().unwrap().unwrap().value["a-counter-field"], &json!(2));
     }
 
     #[test]
