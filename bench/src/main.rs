@@ -12,6 +12,7 @@ mod node;
 mod peers;
 mod plot;
 mod prom;
+mod rawhttp;
 mod report;
 mod scale;
 mod setup;

@@ -13,6 +13,7 @@ use crate::cpu::CpuMeter;
 use crate::error::{Context, Result};
 use crate::fsync::{self, FsyncMode, FsyncStats};
 use crate::http::{self, make_body};
+use crate::rawhttp::{Endpoint, RawHttpConn};
 use crate::report::{self, Machine, Row, thousands};
 use crate::setup::{BenchEnv, SetupInfo};
 use crate::stats::{ClientResult, LatencyMs, MergedClients, merge_clients, micros, new_histogram};
@@ -390,7 +391,10 @@ pub async fn run(common: &CommonArgs, opts: &WriteOpts) -> Result<WriteReport> {
     }
     env.start_node(&http, "write").await?;
     eprintln!("meridian-bench: node ready at {}", env.target_url);
-    let base: Arc<str> = Arc::from(env.target_url.as_str());
+    // The write load goes through the bench's own lean HTTP/1.1 client (see rawhttp.rs).
+    let endpoint = Endpoint::resolve(&env.target_url)
+        .await
+        .context("the node's address")?;
 
     let mut failures = Vec::new();
 
@@ -399,7 +403,7 @@ pub async fn run(common: &CommonArgs, opts: &WriteOpts) -> Result<WriteReport> {
         "meridian-bench: latency: {} warm-up + {} sequential writes",
         opts.warmup, opts.latency_writes
     );
-    let (lat, lat_errors) = latency_run(&http, &base, opts).await;
+    let (lat, lat_errors) = latency_run(&endpoint, opts).await;
     if lat.errors > 0 {
         failures.push(format!(
             "{} of {} latency writes failed; first: {}",
@@ -423,7 +427,7 @@ pub async fn run(common: &CommonArgs, opts: &WriteOpts) -> Result<WriteReport> {
             let client_cpu = CpuMeter::start(None);
             let node_pid = env.node_pid();
             let node_cpu = node_pid.map(|p| CpuMeter::start(Some(p)));
-            let (mut stats, errors) = throughput_run(&http, &base, opts, clients).await;
+            let (mut stats, errors) = throughput_run(&endpoint, opts, clients).await;
             stats.client_cpu_cores = client_cpu.cores();
             stats.node_cpu_cores = node_cpu.and_then(|m| m.cores());
             if stats.errors > 0 {
@@ -477,22 +481,20 @@ fn display_opt(p: &Option<std::path::PathBuf>) -> String {
         .map_or_else(|| "?".into(), |p| p.display().to_string())
 }
 
-async fn latency_run(
-    http: &reqwest::Client,
-    base: &str,
-    opts: &WriteOpts,
-) -> (LatencyStats, Vec<String>) {
+async fn latency_run(endpoint: &Endpoint, opts: &WriteOpts) -> (LatencyStats, Vec<String>) {
     let mut hist = new_histogram();
     let mut errors = 0u64;
     let mut first_errors = Vec::new();
-    let mut url = String::with_capacity(base.len() + opts.key_prefix.len() + 32);
+    // One keep-alive connection for the whole run.
+    let mut conn = RawHttpConn::new(endpoint.clone());
+    let mut path = String::with_capacity(opts.key_prefix.len() + 40);
     let total = opts.warmup + opts.latency_writes;
     for i in 0..total {
-        url.clear();
-        let _ = write!(url, "{base}/v1/kv/{}/lat/{i}", opts.key_prefix);
+        path.clear();
+        let _ = write!(path, "/v1/kv/{}/lat/{i}", opts.key_prefix);
         let body = make_body(i, opts.value_bytes);
         let start = Instant::now();
-        let res = http::put(http, &url, body).await;
+        let res = conn.put_checked(&path, &body).await;
         let elapsed = start.elapsed();
         match res {
             Ok(()) => {
@@ -523,8 +525,7 @@ async fn latency_run(
 }
 
 async fn throughput_run(
-    http: &reqwest::Client,
-    base: &Arc<str>,
+    endpoint: &Endpoint,
     opts: &WriteOpts,
     clients: u64,
 ) -> (ThroughputStats, Vec<String>) {
@@ -538,8 +539,7 @@ async fn throughput_run(
         // One body per client, built once and shared by all its requests.
         let body: &'static [u8] = make_body(c, opts.value_bytes).leak();
         tasks.push(tokio::spawn(client_loop(
-            http.clone(),
-            Arc::clone(base),
+            endpoint.clone(),
             Arc::clone(&prefix),
             c,
             body,
@@ -575,11 +575,10 @@ async fn throughput_run(
     (stats, first_errors)
 }
 
-/// One client: sequential writes to unique keys until `until`; only requests
-/// sent at or after `measure_from` are recorded.
+/// One client, on its own keep-alive connection: sequential writes to unique keys until
+/// `until`; only requests sent at or after `measure_from` are recorded.
 async fn client_loop(
-    http: reqwest::Client,
-    base: Arc<str>,
+    endpoint: Endpoint,
     prefix: Arc<str>,
     client: u64,
     body: &'static [u8],
@@ -587,17 +586,18 @@ async fn client_loop(
     until: Instant,
 ) -> ClientResult {
     let mut r = ClientResult::new();
-    let mut url = String::with_capacity(base.len() + prefix.len() + 40);
+    let mut conn = RawHttpConn::new(endpoint);
+    let mut path = String::with_capacity(prefix.len() + 48);
     let mut i = 0u64;
     loop {
         let sent = Instant::now();
         if sent >= until {
             break;
         }
-        url.clear();
-        let _ = write!(url, "{base}/v1/kv/{prefix}/{client}/{i}");
+        path.clear();
+        let _ = write!(path, "/v1/kv/{prefix}/{client}/{i}");
         i += 1;
-        let res = http::put(&http, &url, body).await;
+        let res = conn.put_checked(&path, body).await;
         let answered = Instant::now();
         match res {
             Ok(()) => {

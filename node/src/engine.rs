@@ -627,15 +627,17 @@ impl Engine {
         change: &meridian_replication::LocalChange,
     ) -> Result<StoredRecord, WriteError> {
         let prev = &cached.stored;
-        let (doc, appended_changes) =
-            if prev.doc.is_empty() || prev.appended_changes >= COMPACT_AFTER_CHANGES {
-                (cached.doc.save(), 0)
-            } else {
-                let mut bytes = Vec::with_capacity(prev.doc.len() + change.bytes.len());
-                bytes.extend_from_slice(&prev.doc);
-                bytes.extend_from_slice(&change.bytes);
-                (bytes, prev.appended_changes + 1)
-            };
+        let (doc, appended_changes) = if prev.doc.is_empty() {
+            // A document of one change is that change's bytes: no save needed.
+            (change.bytes.clone(), 1)
+        } else if prev.appended_changes >= COMPACT_AFTER_CHANGES {
+            (cached.doc.save(), 0)
+        } else {
+            let mut bytes = Vec::with_capacity(prev.doc.len() + change.bytes.len());
+            bytes.extend_from_slice(&prev.doc);
+            bytes.extend_from_slice(&change.bytes);
+            (bytes, prev.appended_changes + 1)
+        };
         let view_json = match view {
             Some(v) => serde_json::to_vec(v).map_err(|e| WriteError::Storage(e.to_string()))?,
             None => Vec::new(),

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod audit;
 pub mod clock;
+pub mod commit_log;
 pub mod dev;
 pub mod engine;
 pub mod logging;

@@ -11,6 +11,11 @@ use meridian_node::logging::{self, LogFormat};
 use meridian_node::topology::{self, Topology, TopologyError};
 use meridian_node::{audit, clock, dev, server, storage, tls};
 
+/// automerge's documents are many small allocations; mimalloc makes them and their frees
+/// cheaper than glibc's allocator (BENCHMARKS.md has the figures).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "meridian",

@@ -13,8 +13,19 @@
 //!
 //! Architecture invariant: a record and the log entry of the change that produced it are written
 //! in one transaction, so they never disagree after a crash.
+//!
+//! Durability: a batch is made durable by the [commit log](crate::commit_log) (one append and
+//! one sync) before its redb transaction commits without syncing; readers therefore never see a
+//! write that is not durable. Every batch transaction records its log sequence number in
+//! `meta`; a checkpoint (a durable redb commit, at most [`CHECKPOINT_EVERY`] apart or when the
+//! log passes [`CHECKPOINT_LOG_BYTES`]) makes redb hold everything and empties the log. At open,
+//! the log's entries newer than redb's durable sequence number are committed again.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::commit_log::{CommitLog, CommitLogError};
 
 use meridian_replication::Version;
 use meridian_replication::core::Frontier;
@@ -36,7 +47,14 @@ const META_INCARNATION: &str = "incarnation";
 const META_FORMAT: &str = "format";
 /// The newest own HLC stamp known at the last open (see `Store::open`).
 const META_HLC_FLOOR: &str = "hlc_floor";
-const FORMAT_VERSION: u32 = 1;
+/// Sequence number of the newest commit-log batch this redb state holds.
+const META_LOG_SEQ: &str = "log_seq";
+/// Longest time between two checkpoints.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// A log longer than this is checkpointed at once (bounds the replay at open and the log file).
+pub const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
+/// 2: record documents use the flat root layout (meridian_replication::record, format 2).
+const FORMAT_VERSION: u32 = 2;
 
 pub const DB_FILE: &str = "meridian.redb";
 
@@ -52,6 +70,10 @@ pub enum StoreError {
         path: PathBuf,
         source: redb::DatabaseError,
     },
+    #[error(
+        "database {path} was not shut down cleanly (the node is running or was killed); an offline read needs a clean one: start the node once and stop it with SIGTERM, then read again"
+    )]
+    NotClean { path: PathBuf },
     #[error("no database at {0}: not a Meridian data directory")]
     Missing(PathBuf),
     #[error(
@@ -68,6 +90,16 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     #[error("stored {what} is corrupt: {why}")]
     Corrupt { what: String, why: String },
+    #[error(transparent)]
+    Log(#[from] CommitLogError),
+    #[error(
+        "commit log of {path} starts at batch {first} but the database holds batches up to {durable}: batches in between are missing"
+    )]
+    LogGap {
+        path: PathBuf,
+        first: u64,
+        durable: u64,
+    },
 }
 
 pub(crate) fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -346,6 +378,15 @@ pub struct Store {
     pub(crate) db: Database,
     node_id: String,
     path: PathBuf,
+    log: Mutex<LogState>,
+}
+
+/// The commit log and the bookkeeping of batches and checkpoints; its lock also orders
+/// batches, so that log order is commit order.
+struct LogState {
+    log: CommitLog,
+    next_seq: u64,
+    last_checkpoint: Instant,
 }
 
 /// redb's page cache. Its default (1 GiB) filled up with record pages as the store grew: a node
@@ -368,9 +409,12 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
+        let (log, replayed_to) = replay_log(&db, dir)?;
         let txn = db.begin_write().map_err(db_err)?;
         let identity = {
             let mut meta = txn.open_table(META).map_err(dberr)?;
+            meta.insert(META_LOG_SEQ, &replayed_to.to_be_bytes()[..])
+                .map_err(dberr)?;
             txn.open_table(RECORDS).map_err(dberr)?;
             txn.open_table(CHANGES).map_err(dberr)?;
             txn.open_table(IDEMPOTENCY).map_err(dberr)?;
@@ -446,13 +490,21 @@ impl Store {
                 last_hlc,
             }
         };
-        // The new incarnation must be durable before any change carries it.
+        // The new incarnation must be durable before any change carries it. This commit is
+        // durable, so it is also the checkpoint of whatever the log replayed.
         txn.commit().map_err(dberr)?;
+        let mut log = log;
+        log.clear()?;
         Ok((
             Store {
                 db,
                 node_id: node_id.to_string(),
                 path,
+                log: Mutex::new(LogState {
+                    log,
+                    next_seq: replayed_to + 1,
+                    last_checkpoint: Instant::now(),
+                }),
             },
             identity,
         ))
@@ -553,93 +605,72 @@ impl Store {
 
     /// Commit a batch durably in one transaction (group commit): records, change-log entries,
     /// kept-aside changes, and frontier raises. An item whose idempotency key was already used
-    /// is not applied.
+    /// is not applied. Durable through the commit log before the transaction becomes visible.
     pub fn commit_batch(
         &self,
         items: &[WriteItem],
         frontier: &[FrontierEntry],
     ) -> Result<Vec<ItemOutcome>, StoreError> {
+        let mut state = match self.log.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let seq = state.next_seq;
+        let mut txn = self.db.begin_write().map_err(dberr)?;
+        txn.set_durability(Durability::None).map_err(dberr)?;
+        let outcomes = apply_batch(&txn, items, frontier, seq)?;
+        let applied = items
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == ItemOutcome::Applied)
+            .map(|(i, _)| i);
+        let payload = encode_batch(applied, frontier);
+        // Not durable, not visible: a failed append drops the transaction.
+        state.log.append(seq, &payload)?;
+        state.next_seq += 1;
+        if let Err(e) = txn.commit() {
+            // The batch is durable in the log but not in redb: later batches must not commit on
+            // top of a state that lacks it. A restart replays it.
+            state.log.refuse_appends();
+            return Err(dberr(e));
+        }
+        if state.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+            || state.log.len_bytes() >= CHECKPOINT_LOG_BYTES
+        {
+            self.checkpoint_locked(&mut state)?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Make redb hold every committed batch durably and empty the commit log.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut state = match self.log.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        self.checkpoint_locked(&mut state)
+    }
+
+    fn checkpoint_locked(&self, state: &mut LogState) -> Result<(), StoreError> {
+        state.last_checkpoint = Instant::now();
+        if state.log.len_bytes() == 0 {
+            return Ok(());
+        }
         let mut txn = self.db.begin_write().map_err(dberr)?;
         txn.set_durability(Durability::Immediate).map_err(dberr)?;
-        let mut outcomes = Vec::with_capacity(items.len());
         {
-            let mut records = txn.open_table(RECORDS).map_err(dberr)?;
-            let mut changes = txn.open_table(CHANGES).map_err(dberr)?;
-            let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(dberr)?;
-            for item in items {
-                if let Some((idem_key, answer)) = &item.idempotency {
-                    let earlier = idempotency
-                        .get(idem_key.as_str())
-                        .map_err(dberr)?
-                        .map(|g| IdempotentAnswer::decode(g.value()));
-                    match earlier {
-                        Some(Ok(first)) if first.fingerprint == answer.fingerprint => {
-                            outcomes.push(ItemOutcome::Replayed(first));
-                            continue;
-                        }
-                        Some(_) => {
-                            outcomes.push(ItemOutcome::KeyReused);
-                            continue;
-                        }
-                        None => {
-                            idempotency
-                                .insert(idem_key.as_str(), answer.encode().as_slice())
-                                .map_err(dberr)?;
-                        }
-                    }
-                }
-                if let Some(record) = &item.record {
-                    records
-                        .insert(item.key.as_str(), record.encode().as_slice())
-                        .map_err(dberr)?;
-                }
-                for (origin, hlc, change) in &item.log {
-                    let entry = LogEntry {
-                        key: item.key.clone(),
-                        change: change.clone(),
-                    };
-                    changes
-                        .insert((origin.as_str(), *hlc), entry.encode().as_slice())
-                        .map_err(dberr)?;
-                }
-                if !item.pending_put.is_empty() || !item.pending_remove.is_empty() {
-                    let mut pending = txn.open_table(PENDING).map_err(dberr)?;
-                    for p in &item.pending_put {
-                        let mut value = Vec::with_capacity(1 + p.change.len());
-                        value.push(p.reason as u8);
-                        value.extend_from_slice(&p.change);
-                        pending
-                            .insert(
-                                (item.key.as_str(), p.origin.as_str(), p.hlc),
-                                value.as_slice(),
-                            )
-                            .map_err(dberr)?;
-                    }
-                    for (origin, hlc) in &item.pending_remove {
-                        pending
-                            .remove((item.key.as_str(), origin.as_str(), *hlc))
-                            .map_err(dberr)?;
-                    }
-                }
-                outcomes.push(ItemOutcome::Applied);
-            }
-            if !frontier.is_empty() {
-                let mut table = txn.open_table(FRONTIER).map_err(dberr)?;
-                for e in frontier {
-                    let current = table
-                        .get((e.origin.as_str(), e.class.as_str()))
-                        .map_err(dberr)?
-                        .map_or(0, |g| g.value());
-                    if e.hlc > current {
-                        table
-                            .insert((e.origin.as_str(), e.class.as_str()), e.hlc)
-                            .map_err(dberr)?;
-                    }
-                }
-            }
+            let mut meta = txn.open_table(META).map_err(dberr)?;
+            let held = state.next_seq.saturating_sub(1);
+            meta.insert(META_LOG_SEQ, &held.to_be_bytes()[..])
+                .map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
-        Ok(outcomes)
+        // If the truncation fails, the entries stay and are skipped at open (their sequence
+        // numbers are now durable in redb); appends go on after them.
+        if let Err(e) = state.log.clear() {
+            tracing::warn!(error = %e, "emptying the commit log after a checkpoint failed; it will be retried");
+        }
+        Ok(())
     }
 
     /// The stored frontier: per (origin, class) the newest change held, for remote origins.
@@ -802,15 +833,342 @@ pub struct DumpRow {
     pub deleted: bool,
 }
 
+/// The writes of a batch inside `txn`; returns what became of each item.
+fn apply_batch(
+    txn: &redb::WriteTransaction,
+    items: &[WriteItem],
+    frontier: &[FrontierEntry],
+    seq: u64,
+) -> Result<Vec<ItemOutcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(items.len());
+    let mut records = txn.open_table(RECORDS).map_err(dberr)?;
+    let mut changes = txn.open_table(CHANGES).map_err(dberr)?;
+    let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(dberr)?;
+    for item in items {
+        if let Some((idem_key, answer)) = &item.idempotency {
+            let earlier = idempotency
+                .get(idem_key.as_str())
+                .map_err(dberr)?
+                .map(|g| IdempotentAnswer::decode(g.value()));
+            match earlier {
+                Some(Ok(first)) if first.fingerprint == answer.fingerprint => {
+                    outcomes.push(ItemOutcome::Replayed(first));
+                    continue;
+                }
+                Some(_) => {
+                    outcomes.push(ItemOutcome::KeyReused);
+                    continue;
+                }
+                None => {
+                    idempotency
+                        .insert(idem_key.as_str(), answer.encode().as_slice())
+                        .map_err(dberr)?;
+                }
+            }
+        }
+        if let Some(record) = &item.record {
+            records
+                .insert(item.key.as_str(), record.encode().as_slice())
+                .map_err(dberr)?;
+        }
+        for (origin, hlc, change) in &item.log {
+            let entry = LogEntry {
+                key: item.key.clone(),
+                change: change.clone(),
+            };
+            changes
+                .insert((origin.as_str(), *hlc), entry.encode().as_slice())
+                .map_err(dberr)?;
+        }
+        if !item.pending_put.is_empty() || !item.pending_remove.is_empty() {
+            let mut pending = txn.open_table(PENDING).map_err(dberr)?;
+            for p in &item.pending_put {
+                let mut value = Vec::with_capacity(1 + p.change.len());
+                value.push(p.reason as u8);
+                value.extend_from_slice(&p.change);
+                pending
+                    .insert(
+                        (item.key.as_str(), p.origin.as_str(), p.hlc),
+                        value.as_slice(),
+                    )
+                    .map_err(dberr)?;
+            }
+            for (origin, hlc) in &item.pending_remove {
+                pending
+                    .remove((item.key.as_str(), origin.as_str(), *hlc))
+                    .map_err(dberr)?;
+            }
+        }
+        outcomes.push(ItemOutcome::Applied);
+    }
+    if !frontier.is_empty() {
+        let mut table = txn.open_table(FRONTIER).map_err(dberr)?;
+        for e in frontier {
+            let current = table
+                .get((e.origin.as_str(), e.class.as_str()))
+                .map_err(dberr)?
+                .map_or(0, |g| g.value());
+            if e.hlc > current {
+                table
+                    .insert((e.origin.as_str(), e.class.as_str()), e.hlc)
+                    .map_err(dberr)?;
+            }
+        }
+    }
+    let mut meta = txn.open_table(META).map_err(dberr)?;
+    meta.insert(META_LOG_SEQ, &seq.to_be_bytes()[..])
+        .map_err(dberr)?;
+    Ok(outcomes)
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str) {
+    // Keys, node ids, region and rule names are far below 64 KiB (checked where they enter).
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..len as usize]);
+}
+
+fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// A batch as the commit log holds it: the applied items and the frontier raises.
+fn encode_batch<'a>(
+    items: impl Iterator<Item = &'a WriteItem>,
+    frontier: &[FrontierEntry],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    let count_at = out.len();
+    out.extend_from_slice(&0u32.to_be_bytes());
+    let mut count = 0u32;
+    for item in items {
+        count += 1;
+        put_str16(&mut out, &item.key);
+        match &item.record {
+            Some(r) => {
+                out.push(1);
+                put_bytes32(&mut out, &r.encode());
+            }
+            None => out.push(0),
+        }
+        out.extend_from_slice(&(item.log.len() as u32).to_be_bytes());
+        for (origin, hlc, change) in &item.log {
+            put_str16(&mut out, origin);
+            out.extend_from_slice(&hlc.to_be_bytes());
+            put_bytes32(&mut out, change);
+        }
+        match &item.idempotency {
+            Some((key, answer)) => {
+                out.push(1);
+                put_str16(&mut out, key);
+                put_bytes32(&mut out, &answer.encode());
+            }
+            None => out.push(0),
+        }
+        out.extend_from_slice(&(item.pending_put.len() as u32).to_be_bytes());
+        for p in &item.pending_put {
+            put_str16(&mut out, &p.origin);
+            out.extend_from_slice(&p.hlc.to_be_bytes());
+            out.push(p.reason as u8);
+            put_bytes32(&mut out, &p.change);
+        }
+        out.extend_from_slice(&(item.pending_remove.len() as u32).to_be_bytes());
+        for (origin, hlc) in &item.pending_remove {
+            put_str16(&mut out, origin);
+            out.extend_from_slice(&hlc.to_be_bytes());
+        }
+    }
+    out[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
+    out.extend_from_slice(&(frontier.len() as u32).to_be_bytes());
+    for e in frontier {
+        put_str16(&mut out, &e.origin);
+        put_str16(&mut out, &e.class);
+        out.extend_from_slice(&e.hlc.to_be_bytes());
+    }
+    out
+}
+
+impl Reader<'_> {
+    fn str16(&mut self) -> Result<String, String> {
+        let len = self.u16()? as usize;
+        std::str::from_utf8(self.take(len)?)
+            .map(str::to_string)
+            .map_err(|_| "string is not UTF-8".to_string())
+    }
+    fn bytes32(&mut self) -> Result<&[u8], String> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+    /// A count of elements that take at least `min_bytes` each: checked against what is left
+    /// before anything is allocated for them.
+    fn count(&mut self, min_bytes: usize) -> Result<usize, String> {
+        let n = self.u32()? as usize;
+        let left = self.bytes.len() - self.at;
+        if n.saturating_mul(min_bytes) > left {
+            return Err(format!("{n} elements cannot fit in {left} bytes"));
+        }
+        Ok(n)
+    }
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<(Vec<WriteItem>, Vec<FrontierEntry>), String> {
+    let mut r = Reader { bytes, at: 0 };
+    let n = r.count(2 + 1 + 4 + 1 + 4 + 4)?;
+    let mut items = Vec::with_capacity(n);
+    for _ in 0..n {
+        let key = r.str16()?;
+        let record = match r.u8()? {
+            0 => None,
+            _ => Some(StoredRecord::decode(r.bytes32()?)?),
+        };
+        let logs = r.count(2 + 8 + 4)?;
+        let mut log = Vec::with_capacity(logs);
+        for _ in 0..logs {
+            let origin = r.str16()?;
+            let hlc = r.u64()?;
+            log.push((origin, hlc, r.bytes32()?.to_vec()));
+        }
+        let idempotency = match r.u8()? {
+            0 => None,
+            _ => {
+                let key = r.str16()?;
+                Some((key, IdempotentAnswer::decode(r.bytes32()?)?))
+            }
+        };
+        let puts = r.count(2 + 8 + 1 + 4)?;
+        let mut pending_put = Vec::with_capacity(puts);
+        for _ in 0..puts {
+            let origin = r.str16()?;
+            let hlc = r.u64()?;
+            let reason = r.u8()?;
+            let reason = PendingReason::from_byte(reason)
+                .ok_or_else(|| format!("unknown pending reason {reason}"))?;
+            pending_put.push(PendingChange {
+                origin,
+                hlc,
+                reason,
+                change: r.bytes32()?.to_vec(),
+            });
+        }
+        let removes = r.count(2 + 8)?;
+        let mut pending_remove = Vec::with_capacity(removes);
+        for _ in 0..removes {
+            let origin = r.str16()?;
+            pending_remove.push((origin, r.u64()?));
+        }
+        items.push(WriteItem {
+            key,
+            record,
+            log,
+            idempotency,
+            pending_put,
+            pending_remove,
+        });
+    }
+    let n = r.count(2 + 2 + 8)?;
+    let mut frontier = Vec::with_capacity(n);
+    for _ in 0..n {
+        let origin = r.str16()?;
+        let class = r.str16()?;
+        frontier.push(FrontierEntry {
+            origin,
+            class,
+            hlc: r.u64()?,
+        });
+    }
+    if r.at != bytes.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok((items, frontier))
+}
+
+/// The sequence number of the newest batch that `db`'s durable state holds.
+fn durable_log_seq(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64, StoreError> {
+    match meta.get(META_LOG_SEQ).map_err(dberr)? {
+        Some(g) => {
+            let bytes: [u8; 8] = g
+                .value()
+                .try_into()
+                .map_err(|_| corrupt("meta log_seq", "expected 8 bytes"))?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        None => Ok(0),
+    }
+}
+
+/// The log entries of `dir` that `durable` does not hold yet, checked to follow on from it.
+fn entries_after(
+    dir: &Path,
+    entries: Vec<crate::commit_log::LogEntry>,
+    durable: u64,
+) -> Result<Vec<crate::commit_log::LogEntry>, StoreError> {
+    let newer: Vec<_> = entries.into_iter().filter(|e| e.seq > durable).collect();
+    if let Some(first) = newer.first()
+        && first.seq != durable + 1
+    {
+        return Err(StoreError::LogGap {
+            path: dir.to_path_buf(),
+            first: first.seq,
+            durable,
+        });
+    }
+    Ok(newer)
+}
+
+/// Open the commit log of `dir` and commit again, non-durably, every batch redb does not hold
+/// durably. Returns the log and the sequence number of the newest batch redb now holds.
+fn replay_log(db: &Database, dir: &Path) -> Result<(CommitLog, u64), StoreError> {
+    let (log, back) = CommitLog::open(dir)?;
+    if let Some(reason) = &back.tail_reason {
+        tracing::warn!(
+            bytes = back.tail_bytes,
+            reason = %reason,
+            "cut a torn tail off the commit log (a batch whose sync never completed: it was never acknowledged)"
+        );
+    }
+    let durable = {
+        let txn = db.begin_read().map_err(dberr)?;
+        match txn.open_table(META) {
+            Ok(meta) => durable_log_seq(&meta)?,
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(dberr(e)),
+        }
+    };
+    let newer = entries_after(dir, back.entries, durable)?;
+    let mut held = durable;
+    if !newer.is_empty() {
+        tracing::info!(
+            batches = newer.len(),
+            "committing the commit log's batches that the database does not hold yet"
+        );
+    }
+    for entry in newer {
+        let (items, frontier) = decode_batch(&entry.payload)
+            .map_err(|why| corrupt(format!("commit log batch {}", entry.seq), why))?;
+        let mut txn = db.begin_write().map_err(dberr)?;
+        txn.set_durability(Durability::None).map_err(dberr)?;
+        apply_batch(&txn, &items, &frontier, entry.seq)?;
+        txn.commit().map_err(dberr)?;
+        held = entry.seq;
+    }
+    Ok((log, held))
+}
+
 /// The node id and every record physically stored in a data directory, read offline.
 pub fn dump(dir: &Path) -> Result<(String, Vec<DumpRow>), StoreError> {
     let path = dir.join(DB_FILE);
     if !path.is_file() {
         return Err(StoreError::Missing(path));
     }
-    let db = ReadOnlyDatabase::open(&path).map_err(|source| StoreError::Open {
-        path: path.clone(),
-        source,
+    let db = ReadOnlyDatabase::open(&path).map_err(|source| match source {
+        redb::DatabaseError::RepairAborted => StoreError::NotClean { path: path.clone() },
+        source => StoreError::Open {
+            path: path.clone(),
+            source,
+        },
     })?;
     let txn = db.begin_read().map_err(db_err_ro)?;
     let meta = txn.open_table(META).map_err(dberr)?;
@@ -820,19 +1178,36 @@ pub fn dump(dir: &Path) -> Result<(String, Vec<DumpRow>), StoreError> {
         .map(|g| String::from_utf8_lossy(g.value()).into_owned())
         .unwrap_or_default();
     let table = txn.open_table(RECORDS).map_err(dberr)?;
-    let mut rows = Vec::new();
+    let mut stored = std::collections::BTreeMap::new();
     for item in table.iter().map_err(dberr)? {
         let (k, v) = item.map_err(dberr)?;
         let key = k.value().to_string();
         let rec = StoredRecord::decode(v.value())
             .map_err(|why| corrupt(format!("record {key:?}"), why))?;
-        rows.push(DumpRow {
+        stored.insert(key, rec);
+    }
+    // Batches acknowledged after the last checkpoint are in the commit log only (the node is
+    // running, or was killed): they are part of what the directory stores.
+    let durable = durable_log_seq(&meta)?;
+    let back = CommitLog::read(dir)?;
+    for entry in entries_after(dir, back.entries, durable)? {
+        let (items, _) = decode_batch(&entry.payload)
+            .map_err(|why| corrupt(format!("commit log batch {}", entry.seq), why))?;
+        for item in items {
+            if let Some(rec) = item.record {
+                stored.insert(item.key, rec);
+            }
+        }
+    }
+    let rows = stored
+        .into_iter()
+        .map(|(key, rec)| DumpRow {
             key,
             home_region: rec.home_region,
             version: rec.version.to_string(),
             deleted: !rec.live,
-        });
-    }
+        })
+        .collect();
     Ok((node_id, rows))
 }
 
@@ -946,6 +1321,150 @@ mod tests {
         store.commit_batch(&[done], &[]).unwrap();
         assert!(store.pending_for("k").unwrap().is_empty());
         assert_eq!(store.count_after("n2", 0, 100).unwrap(), 2);
+    }
+
+    fn all_parts_item(key: &str, n: u64) -> WriteItem {
+        let mut it = item(key, n);
+        it.log.push(("n2".into(), n + 1, vec![7; 3]));
+        it.idempotency = Some((
+            format!("idem-{key}"),
+            IdempotentAnswer {
+                fingerprint: [n as u8; 32],
+                created_unix_ms: 5,
+                status: 200,
+                body: b"{}".to_vec(),
+            },
+        ));
+        it.pending_put.push(PendingChange {
+            origin: "n3".into(),
+            hlc: 9,
+            reason: PendingReason::WaitingForDependencies,
+            change: vec![1, 2],
+        });
+        it.pending_remove.push(("n3".into(), 8));
+        it
+    }
+
+    #[test]
+    fn batch_encoding_round_trips_and_rejects_truncation() {
+        let items = [all_parts_item("a", 1), item("b", 2), {
+            let mut none = item("c", 3);
+            none.record = None;
+            none
+        }];
+        let frontier = vec![FrontierEntry {
+            origin: "n2".into(),
+            class: "eu".into(),
+            hlc: 4,
+        }];
+        let bytes = encode_batch(items.iter(), &frontier);
+        let (back, back_frontier) = decode_batch(&bytes).unwrap();
+        assert_eq!(back_frontier, frontier);
+        assert_eq!(back.len(), 3);
+        for (a, b) in items.iter().zip(&back) {
+            assert_eq!(a.key, b.key);
+            assert_eq!(a.record, b.record);
+            assert_eq!(a.log, b.log);
+            assert_eq!(a.idempotency, b.idempotency);
+            assert_eq!(a.pending_put, b.pending_put);
+            assert_eq!(a.pending_remove, b.pending_remove);
+        }
+        for cut in 0..bytes.len() {
+            assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        // A count that cannot fit is refused before anything is allocated for it.
+        let mut huge = bytes.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_batch(&huge).unwrap_err().contains("cannot fit"));
+    }
+
+    #[test]
+    fn batches_only_in_the_commit_log_are_committed_again_at_open_and_shown_by_dump() {
+        let dir = tempfile::tempdir().unwrap();
+        let crash = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), "n1").unwrap();
+        store.commit_batch(&[item("a", 1)], &[]).unwrap();
+        store.checkpoint().unwrap();
+        // A crash image: the database file as durably committed at this point ...
+        std::fs::copy(dir.path().join(DB_FILE), crash.path().join(DB_FILE)).unwrap();
+        let fe = FrontierEntry {
+            origin: "n2".into(),
+            class: "".into(),
+            hlc: 2,
+        };
+        store.commit_batch(&[item("b", 2)], &[fe]).unwrap();
+        store.commit_batch(&[all_parts_item("c", 3)], &[]).unwrap();
+        // ... and the commit log as synced after two more acknowledged batches.
+        let log_path = dir.path().join(crate::commit_log::LOG_FILE);
+        assert!(std::fs::metadata(&log_path).unwrap().len() > 0);
+        std::fs::copy(&log_path, crash.path().join(crate::commit_log::LOG_FILE)).unwrap();
+        drop(store);
+
+        // Not shut down cleanly: the offline dump says so instead of guessing.
+        match dump(crash.path()) {
+            Err(err) => assert!(matches!(err, StoreError::NotClean { .. }), "{err}"),
+            Ok(_) => panic!("an unclean database was read"),
+        }
+
+        let (store, identity) = Store::open(crash.path(), "n1").unwrap();
+        assert_eq!(identity.last_hlc.time_ntp64, 3);
+        assert_eq!(store.record("b").unwrap(), Some(record(2)));
+        assert_eq!(store.record("c").unwrap(), Some(record(3)));
+        let own: Vec<u64> = store
+            .log_after("n1", 0, 10)
+            .unwrap()
+            .iter()
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(own, [1, 2, 3]);
+        assert_eq!(store.frontier().unwrap().get("n2", ""), 2);
+        assert!(store.idempotent_answer("idem-c").unwrap().is_some());
+        assert_eq!(store.pending_for("c").unwrap().len(), 1);
+        // The open checkpointed what it replayed: the log is empty, and a second open (after
+        // another crash image) replays nothing twice.
+        let crash_log = crash.path().join(crate::commit_log::LOG_FILE);
+        assert_eq!(std::fs::metadata(&crash_log).unwrap().len(), 0);
+        store.commit_batch(&[item("d", 4)], &[]).unwrap();
+        drop(store);
+        let (store, _) = Store::open(crash.path(), "n1").unwrap();
+        assert_eq!(store.log_after("n1", 0, 10).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn dump_shows_and_open_commits_a_batch_that_only_the_log_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), "n1").unwrap();
+        store.commit_batch(&[item("a", 1)], &[]).unwrap();
+        drop(store);
+        // A cleanly closed database at batch 1 and a log that also holds batch 2.
+        let (mut log, back) = CommitLog::open(dir.path()).unwrap();
+        assert_eq!(back.entries.last().map(|e| e.seq), Some(1));
+        log.append(2, &encode_batch([item("z", 2)].iter(), &[]))
+            .unwrap();
+        drop(log);
+        let (_, rows) = dump(dir.path()).unwrap();
+        let keys: Vec<_> = rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["a", "z"]);
+        let (store, identity) = Store::open(dir.path(), "n1").unwrap();
+        assert_eq!(identity.last_hlc.time_ntp64, 2);
+        assert_eq!(store.record("z").unwrap(), Some(record(2)));
+    }
+
+    #[test]
+    fn a_log_that_does_not_follow_the_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), "n1").unwrap();
+        store.commit_batch(&[item("a", 1)], &[]).unwrap();
+        drop(store);
+        // Batch 10 in the log, the database durable at batch 1: 2..9 are missing.
+        let (mut log, _) = CommitLog::open(dir.path()).unwrap();
+        log.clear().unwrap();
+        log.append(10, &encode_batch([item("x", 10)].iter(), &[]))
+            .unwrap();
+        drop(log);
+        let err = Store::open(dir.path(), "n1").err().expect("refused");
+        assert!(matches!(err, StoreError::LogGap { first: 10, .. }), "{err}");
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[test]
