@@ -691,11 +691,12 @@ impl Engine {
         // Only a slot nobody holds may go: a held slot evicted and re-created would let two
         // writers edit two copies of one document. A few tries keep this bounded.
         let mut tries = 0;
+        let mut evicted = Vec::new();
         while cache.len() >= self.cache_capacity && tries < 8 {
             tries += 1;
             let idle = matches!(cache.peek_lru(), Some((_, s)) if Arc::strong_count(s) == 1);
             if idle {
-                cache.pop_lru();
+                evicted.extend(cache.pop_lru());
             } else if let Some((k, _)) = cache.peek_lru() {
                 let k = k.clone();
                 cache.promote(&k);
@@ -704,6 +705,10 @@ impl Engine {
         let slot: SlotHandle = Arc::default();
         cache.put(key.to_string(), slot.clone());
         self.metrics.cached_documents.set(cache.len() as i64);
+        drop(cache);
+        // Freeing an automerge document takes tens of microseconds: not under the cache lock,
+        // which every request takes.
+        drop(evicted);
         slot
     }
 
@@ -980,7 +985,10 @@ impl Engine {
                 }
             };
             let prev = &cached.stored;
-            let (doc, appended_changes) = if prev.doc.is_empty()
+            let (doc, appended_changes) = if prev.doc.is_empty() && applied_bytes.len() == 1 {
+                // A record new here with one change: its document is that change's bytes.
+                (applied_bytes[0].to_vec(), 1)
+            } else if prev.doc.is_empty()
                 || prev.appended_changes as usize + applied_bytes.len()
                     > COMPACT_AFTER_CHANGES as usize
             {

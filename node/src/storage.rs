@@ -50,7 +50,7 @@ const META_HLC_FLOOR: &str = "hlc_floor";
 /// Sequence number of the newest commit-log batch this redb state holds.
 const META_LOG_SEQ: &str = "log_seq";
 /// Longest time between two checkpoints.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// A log longer than this is checkpointed at once (bounds the replay at open and the log file).
 pub const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
 /// 2: record documents use the flat root layout (meridian_replication::record, format 2).
