@@ -205,8 +205,9 @@ pub fn write(dir: &Path) -> Result<Written> {
 
     md.push_str(
         "## Durability of each system\n\n\
-         * **Meridian**: a write is answered after the redb transaction holding it is committed \
-         with `fdatasync` (group commit: concurrent writes share one).\n\
+         * **Meridian**: a write is answered after the batch holding it is appended to the commit \
+         log and `fdatasync`'d and its redb transaction is committed (group commit: concurrent \
+         writes share one append and one sync; redb is synced by a checkpoint every 200 ms).\n\
          * **Redis** (floor for a local durable write): `appendonly yes`, `appendfsync always` \
          (the AOF is fsynced before each reply; concurrent clients share fsyncs), no RDB snapshots.\n\
          * **etcd** (consensus peer): 3 members, default durability (the leader and a quorum \
