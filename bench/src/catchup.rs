@@ -25,13 +25,12 @@ use crate::lag::{APPLIED_COUNTER, TargetResult, scan_logs};
 use crate::prom;
 use crate::report::{self, Machine, Row, thousands};
 use crate::setup::{BenchEnv, SetupInfo};
-use crate::stats::{LatencyMs, micros, new_histogram};
+use crate::stats::{LatencyMs, MAX_ERRORS_PER_CLIENT, micros, new_histogram};
 
 /// Target: changes applied per second while catching up.
 const CATCHUP_TARGET: f64 = 30_000.0;
 const POLL: Duration = Duration::from_millis(50);
 const CURVE_EVERY: Duration = Duration::from_millis(250);
-const MAX_ERRORS_PER_CLIENT: u64 = 100;
 const KEEP_ERRORS: usize = 3;
 
 #[derive(Args, Debug, Clone, Serialize)]

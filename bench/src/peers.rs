@@ -26,7 +26,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::future::Future;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
@@ -51,7 +50,7 @@ use crate::http::{self, error_chain, make_body};
 use crate::node::log_tail;
 use crate::report::{self, Machine, Row, thousands};
 use crate::setup::{DiskInfo, command_stdout};
-use crate::stats::{ClientResult, LatencyMs, MergedClients, merge_clients, micros};
+use crate::stats::{KvWriter, LatencyMs, MergedClients, closed_loop, merge_clients};
 
 /// The members of the etcd cluster, in the order their ports are picked.
 pub const ETCD_MEMBERS: [&str; 3] = ["etcd-a", "etcd-b", "etcd-c"];
@@ -71,7 +70,6 @@ const FSYNC_SAMPLES: u64 = 200;
 /// Every request gives up after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client gives up after this many failed requests.
-const MAX_ERRORS_PER_CLIENT: u64 = 100;
 /// Largest Redis reply line read; SET and PING answer a few bytes.
 const MAX_REPLY_BYTES: usize = 4096;
 /// Largest request head a front door reads before choosing a link.
@@ -811,45 +809,6 @@ fn free_tcp_ports(n: usize) -> Result<Vec<u16>> {
 
 // ---------------------------------------------------------------------------------------------
 // Closed-loop load, shared by Redis and etcd
-
-/// One client's connection: writes the value under a unique key numbered `i`.
-trait KvWriter: Send + 'static {
-    fn write(&mut self, i: u64) -> impl Future<Output = std::result::Result<(), String>> + Send;
-}
-
-/// Sequential writes until `until`; only those sent at or after `measure_from` are recorded.
-async fn closed_loop<W: KvWriter>(mut w: W, measure_from: Instant, until: Instant) -> ClientResult {
-    let mut r = ClientResult::new();
-    let mut i = 0u64;
-    loop {
-        let sent = Instant::now();
-        if sent >= until {
-            break;
-        }
-        let res = w.write(i).await;
-        i += 1;
-        let answered = Instant::now();
-        match res {
-            Ok(()) => {
-                if sent >= measure_from {
-                    r.hist.saturating_record(micros(answered - sent));
-                    r.last_answer = Some(answered);
-                }
-            }
-            Err(e) => {
-                r.errors += 1;
-                if r.first_errors.is_empty() {
-                    r.first_errors.push(e);
-                }
-                if r.errors >= MAX_ERRORS_PER_CLIENT {
-                    r.gave_up = true;
-                    break;
-                }
-            }
-        }
-    }
-    r
-}
 
 /// Runs every writer as its own client for `warmup` (not recorded) and then `duration`.
 async fn run_level<W: KvWriter>(

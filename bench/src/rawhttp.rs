@@ -622,47 +622,39 @@ mod tests {
         assert_eq!(within(server).await.expect("the server task"), "/two");
     }
 
-    #[tokio::test]
-    async fn oversized_head_is_refused() {
+    /// The server answers one request with `answer` and then waits for the client to close;
+    /// the client's request must fail with an error containing `why`.
+    async fn refused_answer(answer: String, why: &str) {
         let (l, addr) = listen().await;
         let server = tokio::spawn(async move {
             let mut s = accept(&l).await;
             read_request(&mut s).await;
-            let mut head = String::from("HTTP/1.1 200 OK\r\nx-filler: ");
-            head.push_str(&"a".repeat(MAX_HEAD_BYTES + 4096));
-            // No end of the head, and the connection stays open: only the size can stop it.
-            s.write_all(head.as_bytes()).await.expect("answering");
+            s.write_all(answer.as_bytes()).await.expect("answering");
             expect_client_close(&mut s).await;
         });
-
         let mut c = RawHttpConn::new(Endpoint::from(addr));
         let e = within(c.put("/big", b"{}"))
             .await
-            .expect_err("a head over 16 KiB is refused");
-        assert!(e.contains("larger than 16 KiB"), "{e}");
+            .expect_err("the answer is refused");
+        assert!(e.contains(why), "{e}");
         within(server).await.expect("the server task");
     }
 
     #[tokio::test]
-    async fn oversized_body_is_refused() {
-        let (l, addr) = listen().await;
-        let server = tokio::spawn(async move {
-            let mut s = accept(&l).await;
-            read_request(&mut s).await;
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
-                MAX_BODY_BYTES + 1
-            );
-            s.write_all(head.as_bytes()).await.expect("answering");
-            expect_client_close(&mut s).await;
-        });
+    async fn oversized_head_is_refused() {
+        // No end of the head, and the connection stays open: only the size can stop it.
+        let mut head = String::from("HTTP/1.1 200 OK\r\nx-filler: ");
+        head.push_str(&"a".repeat(MAX_HEAD_BYTES + 4096));
+        refused_answer(head, "larger than 16 KiB").await;
+    }
 
-        let mut c = RawHttpConn::new(Endpoint::from(addr));
-        let e = within(c.put("/big", b"{}"))
-            .await
-            .expect_err("a body over 1 MiB is refused");
-        assert!(e.contains("more than 1 MiB"), "{e}");
-        within(server).await.expect("the server task");
+    #[tokio::test]
+    async fn oversized_body_is_refused() {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+            MAX_BODY_BYTES + 1
+        );
+        refused_answer(head, "more than 1 MiB").await;
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ use crate::node::{
 use crate::prom;
 use crate::report::{self, Machine, Row, thousands};
 use crate::setup::{BenchEnv, DiskInfo};
-use crate::stats::{LatencyMs, micros, new_histogram};
+use crate::stats::{LatencyMs, MAX_ERRORS_PER_CLIENT, micros, new_histogram};
 
 /// Target: resident memory of one node holding this many records of ~200 bytes.
 const RSS_TARGET_BYTES: u64 = 200 * 1024 * 1024;
@@ -52,7 +52,6 @@ const VISIBLE_POLL: Duration = Duration::from_millis(5);
 const ACK_SETTLE: Duration = Duration::from_secs(1);
 /// After the wire cluster connects, time for the handshakes and first exchanges to finish.
 const WIRE_SETTLE: Duration = Duration::from_secs(2);
-const MAX_ERRORS_PER_CLIENT: u64 = 100;
 const MAX_LATENCY_ERRORS: u64 = 100;
 const KEEP_ERRORS: usize = 3;
 const KEY_PREFIX: &str = "scale";

@@ -131,3 +131,52 @@ impl LatencyMs {
         }
     }
 }
+
+/// A client gives up after this many failed requests.
+pub const MAX_ERRORS_PER_CLIENT: u64 = 100;
+
+/// One client's connection: writes the value under a unique key numbered `i`.
+pub trait KvWriter: Send + 'static {
+    fn write(
+        &mut self,
+        i: u64,
+    ) -> impl std::future::Future<Output = std::result::Result<(), String>> + Send;
+}
+
+/// Sequential writes until `until`; only those sent at or after `measure_from` are recorded.
+pub async fn closed_loop<W: KvWriter>(
+    mut w: W,
+    measure_from: Instant,
+    until: Instant,
+) -> ClientResult {
+    let mut r = ClientResult::new();
+    let mut i = 0u64;
+    loop {
+        let sent = Instant::now();
+        if sent >= until {
+            break;
+        }
+        let res = w.write(i).await;
+        i += 1;
+        let answered = Instant::now();
+        match res {
+            Ok(()) => {
+                if sent >= measure_from {
+                    r.hist.saturating_record(micros(answered - sent));
+                    r.last_answer = Some(answered);
+                }
+            }
+            Err(e) => {
+                r.errors += 1;
+                if r.first_errors.is_empty() {
+                    r.first_errors.push(e);
+                }
+                if r.errors >= MAX_ERRORS_PER_CLIENT {
+                    r.gave_up = true;
+                    break;
+                }
+            }
+        }
+    }
+    r
+}

@@ -16,7 +16,9 @@ use crate::http::{self, make_body};
 use crate::rawhttp::{Endpoint, RawHttpConn};
 use crate::report::{self, Machine, Row, thousands};
 use crate::setup::{BenchEnv, SetupInfo};
-use crate::stats::{ClientResult, LatencyMs, MergedClients, merge_clients, micros, new_histogram};
+use crate::stats::{
+    KvWriter, LatencyMs, MergedClients, closed_loop, merge_clients, micros, new_histogram,
+};
 
 /// Target: p50 at one client within this much of the fsync p50.
 const P50_MARGIN_MS: f64 = 0.5;
@@ -24,7 +26,6 @@ const P50_MARGIN_MS: f64 = 0.5;
 const TPUT_TARGET: f64 = 20_000.0;
 const TPUT_TARGET_CLIENTS: usize = 64;
 /// A throughput client gives up after this many failed requests.
-const MAX_ERRORS_PER_CLIENT: u64 = 100;
 /// The latency run gives up after this many failed requests.
 const MAX_LATENCY_ERRORS: u64 = 100;
 /// Error messages kept for the report.
@@ -538,14 +539,14 @@ async fn throughput_run(
     for c in 0..clients {
         // One body per client, built once and shared by all its requests.
         let body: &'static [u8] = make_body(c, opts.value_bytes).leak();
-        tasks.push(tokio::spawn(client_loop(
-            endpoint.clone(),
-            Arc::clone(&prefix),
-            c,
+        let writer = MeridianWriter {
+            conn: RawHttpConn::new(endpoint.clone()),
+            prefix: Arc::clone(&prefix),
+            client: c,
             body,
-            measure_from,
-            until,
-        )));
+            path: String::with_capacity(prefix.len() + 48),
+        };
+        tasks.push(tokio::spawn(closed_loop(writer, measure_from, until)));
     }
 
     let MergedClients {
@@ -575,50 +576,21 @@ async fn throughput_run(
     (stats, first_errors)
 }
 
-/// One client, on its own keep-alive connection: sequential writes to unique keys until
-/// `until`; only requests sent at or after `measure_from` are recorded.
-async fn client_loop(
-    endpoint: Endpoint,
+/// One client on its own keep-alive connection, writing unique keys `PREFIX/{client}/{i}`.
+struct MeridianWriter {
+    conn: RawHttpConn,
     prefix: Arc<str>,
     client: u64,
     body: &'static [u8],
-    measure_from: Instant,
-    until: Instant,
-) -> ClientResult {
-    let mut r = ClientResult::new();
-    let mut conn = RawHttpConn::new(endpoint);
-    let mut path = String::with_capacity(prefix.len() + 48);
-    let mut i = 0u64;
-    loop {
-        let sent = Instant::now();
-        if sent >= until {
-            break;
-        }
-        path.clear();
-        let _ = write!(path, "/v1/kv/{prefix}/{client}/{i}");
-        i += 1;
-        let res = conn.put_checked(&path, body).await;
-        let answered = Instant::now();
-        match res {
-            Ok(()) => {
-                if sent >= measure_from {
-                    r.hist.saturating_record(micros(answered - sent));
-                    r.last_answer = Some(answered);
-                }
-            }
-            Err(e) => {
-                r.errors += 1;
-                if r.first_errors.is_empty() {
-                    r.first_errors.push(e);
-                }
-                if r.errors >= MAX_ERRORS_PER_CLIENT {
-                    r.gave_up = true;
-                    break;
-                }
-            }
-        }
+    path: String,
+}
+
+impl KvWriter for MeridianWriter {
+    async fn write(&mut self, i: u64) -> std::result::Result<(), String> {
+        self.path.clear();
+        let _ = write!(self.path, "/v1/kv/{}/{}/{i}", self.prefix, self.client);
+        self.conn.put_checked(&self.path, self.body).await
     }
-    r
 }
 
 /// Prints the table and the context, writes `write.json`; returns the failures.

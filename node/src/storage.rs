@@ -626,7 +626,7 @@ impl Store {
             .zip(&outcomes)
             .filter(|(_, o)| **o == ItemOutcome::Applied)
             .map(|(i, _)| i);
-        let payload = encode_batch(applied, frontier);
+        let payload = encode_batch(applied, frontier)?;
         // Not durable, not visible: a failed append drops the transaction.
         state.log.append(seq, &payload)?;
         state.next_seq += 1;
@@ -639,7 +639,11 @@ impl Store {
         if state.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
             || state.log.len_bytes() >= CHECKPOINT_LOG_BYTES
         {
-            self.checkpoint_locked(&mut state)?;
+            // The batch is durable (log) and visible (redb) already: a failed checkpoint must not
+            // turn it into a failed write. The log keeps everything until one succeeds.
+            if let Err(e) = self.checkpoint_locked(&mut state) {
+                tracing::error!(error = %e, log_bytes = state.log.len_bytes(), "checkpoint failed; the commit log keeps the batches and it is retried");
+            }
         }
         Ok(outcomes)
     }
@@ -923,72 +927,77 @@ fn apply_batch(
     Ok(outcomes)
 }
 
-fn put_str16(out: &mut Vec<u8>, s: &str) {
-    // Keys, node ids, region and rule names are far below 64 KiB (checked where they enter).
-    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+fn put_str16(out: &mut Vec<u8>, s: &str) -> Result<(), StoreError> {
+    // Keys, node ids and rule names are far below 64 KiB where they enter; never truncate.
+    let len = u16::try_from(s.len())
+        .map_err(|_| corrupt("commit log batch", format!("a {}-byte string", s.len())))?;
     out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&s.as_bytes()[..len as usize]);
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
 }
 
-fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) -> Result<(), StoreError> {
+    let len = u32::try_from(b.len())
+        .map_err(|_| corrupt("commit log batch", format!("a {}-byte value", b.len())))?;
+    out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(b);
+    Ok(())
 }
 
 /// A batch as the commit log holds it: the applied items and the frontier raises.
 fn encode_batch<'a>(
     items: impl Iterator<Item = &'a WriteItem>,
     frontier: &[FrontierEntry],
-) -> Vec<u8> {
+) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(1024);
     let count_at = out.len();
     out.extend_from_slice(&0u32.to_be_bytes());
     let mut count = 0u32;
     for item in items {
         count += 1;
-        put_str16(&mut out, &item.key);
+        put_str16(&mut out, &item.key)?;
         match &item.record {
             Some(r) => {
                 out.push(1);
-                put_bytes32(&mut out, &r.encode());
+                put_bytes32(&mut out, &r.encode())?;
             }
             None => out.push(0),
         }
         out.extend_from_slice(&(item.log.len() as u32).to_be_bytes());
         for (origin, hlc, change) in &item.log {
-            put_str16(&mut out, origin);
+            put_str16(&mut out, origin)?;
             out.extend_from_slice(&hlc.to_be_bytes());
-            put_bytes32(&mut out, change);
+            put_bytes32(&mut out, change)?;
         }
         match &item.idempotency {
             Some((key, answer)) => {
                 out.push(1);
-                put_str16(&mut out, key);
-                put_bytes32(&mut out, &answer.encode());
+                put_str16(&mut out, key)?;
+                put_bytes32(&mut out, &answer.encode())?;
             }
             None => out.push(0),
         }
         out.extend_from_slice(&(item.pending_put.len() as u32).to_be_bytes());
         for p in &item.pending_put {
-            put_str16(&mut out, &p.origin);
+            put_str16(&mut out, &p.origin)?;
             out.extend_from_slice(&p.hlc.to_be_bytes());
             out.push(p.reason as u8);
-            put_bytes32(&mut out, &p.change);
+            put_bytes32(&mut out, &p.change)?;
         }
         out.extend_from_slice(&(item.pending_remove.len() as u32).to_be_bytes());
         for (origin, hlc) in &item.pending_remove {
-            put_str16(&mut out, origin);
+            put_str16(&mut out, origin)?;
             out.extend_from_slice(&hlc.to_be_bytes());
         }
     }
     out[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
     out.extend_from_slice(&(frontier.len() as u32).to_be_bytes());
     for e in frontier {
-        put_str16(&mut out, &e.origin);
-        put_str16(&mut out, &e.class);
+        put_str16(&mut out, &e.origin)?;
+        put_str16(&mut out, &e.class)?;
         out.extend_from_slice(&e.hlc.to_be_bytes());
     }
-    out
+    Ok(out)
 }
 
 impl Reader<'_> {
@@ -1359,7 +1368,7 @@ mod tests {
             class: "eu".into(),
             hlc: 4,
         }];
-        let bytes = encode_batch(items.iter(), &frontier);
+        let bytes = encode_batch(items.iter(), &frontier).unwrap();
         let (back, back_frontier) = decode_batch(&bytes).unwrap();
         assert_eq!(back_frontier, frontier);
         assert_eq!(back.len(), 3);
@@ -1374,6 +1383,9 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+        // A string that does not fit its length field is an error, never truncated.
+        let long = WriteItem::local("k".into(), record(1), &"n".repeat(70_000), 1, vec![1], None);
+        assert!(encode_batch([long].iter(), &[]).is_err());
         // A count that cannot fit is refused before anything is allocated for it.
         let mut huge = bytes.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
@@ -1441,7 +1453,7 @@ mod tests {
         // A cleanly closed database at batch 1 and a log that also holds batch 2.
         let (mut log, back) = CommitLog::open(dir.path()).unwrap();
         assert_eq!(back.entries.last().map(|e| e.seq), Some(1));
-        log.append(2, &encode_batch([item("z", 2)].iter(), &[]))
+        log.append(2, &encode_batch([item("z", 2)].iter(), &[]).unwrap())
             .unwrap();
         drop(log);
         let (_, rows) = dump(dir.path()).unwrap();
@@ -1461,7 +1473,7 @@ mod tests {
         // Batch 10 in the log, the database durable at batch 1: 2..9 are missing.
         let (mut log, _) = CommitLog::open(dir.path()).unwrap();
         log.clear().unwrap();
-        log.append(10, &encode_batch([item("x", 10)].iter(), &[]))
+        log.append(10, &encode_batch([item("x", 10)].iter(), &[]).unwrap())
             .unwrap();
         drop(log);
         let err = Store::open(dir.path(), "n1").err().expect("refused");
