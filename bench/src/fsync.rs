@@ -34,6 +34,26 @@ pub struct FsyncStats {
     pub mean_us: f64,
 }
 
+impl FsyncStats {
+    /// The floor's rows of a scenario table: p50, p99, max, samples.
+    pub fn rows(&self) -> Vec<crate::report::Row> {
+        let mode = match self.mode {
+            FsyncMode::Append => "append",
+            FsyncMode::Overwrite => "overwrite",
+        };
+        let name = format!("fsync floor ({mode}, 4 KiB)");
+        [
+            ("p50", format!("{} µs", self.p50_us)),
+            ("p99", format!("{} µs", self.p99_us)),
+            ("max", format!("{} µs", self.max_us)),
+            ("samples", self.samples.to_string()),
+        ]
+        .into_iter()
+        .map(|(metric, value)| crate::report::Row::new(&name, metric, value, String::new()))
+        .collect()
+    }
+}
+
 /// Writes a 4 KiB block and `sync_data()`s it `samples` times in a scratch file
 /// inside `dir`, timing each sync. Blocking: run it on a blocking thread.
 pub fn measure(dir: &Path, samples: u64, mode: FsyncMode) -> Result<FsyncStats> {

@@ -1587,19 +1587,7 @@ impl LagReport {
     pub fn table(&self) -> Vec<Row> {
         let mut rows = Vec::new();
         if let Some(f) = &self.fsync_floor {
-            let name = "fsync floor (append, 4 KiB)";
-            rows.push(Row::new(
-                name,
-                "p50",
-                format!("{} µs", f.p50_us),
-                String::new(),
-            ));
-            rows.push(Row::new(
-                name,
-                "p99",
-                format!("{} µs", f.p99_us),
-                String::new(),
-            ));
+            rows.extend(f.rows());
         }
         for p in &self.phases {
             let name = format!("{} ms links", p.delay_ms);

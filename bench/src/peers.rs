@@ -291,19 +291,7 @@ impl PeersReport {
         let mut rows = Vec::new();
         let ms = |v: f64| format!("{v:.3} ms");
         if let Some(f) = &self.fsync_floor {
-            let name = "fsync floor (append, 4 KiB)";
-            rows.push(Row::new(
-                name,
-                "p50",
-                format!("{} µs", f.p50_us),
-                String::new(),
-            ));
-            rows.push(Row::new(
-                name,
-                "p99",
-                format!("{} µs", f.p99_us),
-                String::new(),
-            ));
+            rows.extend(f.rows());
         }
         if let Some(r) = &self.redis {
             for l in &r.levels {

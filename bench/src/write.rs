@@ -128,36 +128,7 @@ pub struct WriteReport {
 impl WriteReport {
     pub fn table(&self) -> Vec<Row> {
         let mut rows = Vec::new();
-        let f = &self.fsync_floor;
-        let mode = match f.mode {
-            FsyncMode::Append => "append",
-            FsyncMode::Overwrite => "overwrite",
-        };
-        let fs_name = format!("fsync floor ({mode}, 4 KiB)");
-        rows.push(Row::new(
-            &fs_name,
-            "p50",
-            format!("{} µs", f.p50_us),
-            String::new(),
-        ));
-        rows.push(Row::new(
-            &fs_name,
-            "p99",
-            format!("{} µs", f.p99_us),
-            String::new(),
-        ));
-        rows.push(Row::new(
-            &fs_name,
-            "max",
-            format!("{} µs", f.max_us),
-            String::new(),
-        ));
-        rows.push(Row::new(
-            &fs_name,
-            "samples",
-            f.samples.to_string(),
-            String::new(),
-        ));
+        rows.extend(self.fsync_floor.rows());
 
         if let Some(l) = &self.latency_1_client {
             let name = "write latency (1 client)";
