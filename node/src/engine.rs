@@ -33,6 +33,7 @@ use crate::storage::{
 };
 use crate::topology::Topology;
 use meridian_replication::core::Plan;
+use meridian_replication::record::first_write;
 use meridian_replication::wire::FrontierEntry;
 
 /// Writes waiting for the writer thread at most.
@@ -521,27 +522,47 @@ impl Engine {
 
         let slot = self.slot(key);
         let mut guard = slot.lock().await;
-        let mut cached = match guard.cached.take() {
-            Some(c) => c,
-            None => self.load_doc(key)?,
+        let loaded = match guard.cached.take() {
+            Some(c) => Some(c),
+            None => self.load_stored(key)?,
         };
         let (stamp, _stamp_guard) = self.stamp();
-        let change = match &op {
-            WriteOp::Put(v) => cached.doc.put(v, stamp),
-            WriteOp::Patch(p) => cached.doc.patch(p, stamp),
-            WriteOp::Incr { field, by } => cached.doc.incr(field, *by, stamp),
-            WriteOp::Delete => cached.doc.delete(stamp),
-        };
-        let change = match change {
-            Ok(c) => c,
-            Err(e) => {
-                // RecordDoc rolled the failed edit back: the document still equals the disk.
-                guard.cached = Some(cached);
-                return Err(e.into());
+        // `None` after a first write: the record's document is made from its stored change
+        // when it is next edited (see `first_write`).
+        let (record, change, mut cached) = match (loaded, &op) {
+            (None, WriteOp::Put(v)) => {
+                let (change, view) = first_write::encode(&self.actor, v, stamp)?;
+                (self.first_record(key, &view, &change)?, change, None)
+            }
+            (None, WriteOp::Patch(p)) => {
+                let (change, view) = first_write::encode_patch(&self.actor, p, stamp)?;
+                (self.first_record(key, &view, &change)?, change, None)
+            }
+            (loaded, op) => {
+                let mut cached = match loaded {
+                    Some(c) => c,
+                    None => self.blank_doc(key)?,
+                };
+                let change = match op {
+                    WriteOp::Put(v) => cached.doc.put(v, stamp),
+                    WriteOp::Patch(p) => cached.doc.patch(p, stamp),
+                    WriteOp::Incr { field, by } => cached.doc.incr(field, *by, stamp),
+                    WriteOp::Delete => cached.doc.delete(stamp),
+                };
+                let change = match change {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // RecordDoc rolled the failed edit back: the document still equals
+                        // the disk.
+                        guard.cached = Some(cached);
+                        return Err(e.into());
+                    }
+                };
+                let view = cached.doc.view()?;
+                let record = self.next_record(&mut cached, view.as_ref(), &change)?;
+                (record, change, Some(cached))
             }
         };
-        let view = cached.doc.view()?;
-        let record = self.next_record(&mut cached, view.as_ref(), &change)?;
         let home_region = record.home_region.clone();
         let body = serde_json::to_vec(&json!({
             "key": key,
@@ -574,8 +595,10 @@ impl Engine {
             .map(|mut o| o.pop().unwrap_or(ItemOutcome::KeyReused));
         match outcome {
             Ok(ItemOutcome::Applied) => {
-                cached.stored = record;
-                guard.cached = Some(cached);
+                if let Some(c) = cached.as_mut() {
+                    c.stored = record;
+                }
+                guard.cached = cached;
                 Ok(WriteAnswer {
                     status: 200,
                     body,
@@ -594,7 +617,8 @@ impl Engine {
         }
     }
 
-    fn load_doc(&self, key: &str) -> Result<CachedDoc, WriteError> {
+    /// The stored record and its document; `None` when the record does not exist here.
+    fn load_stored(&self, key: &str) -> Result<Option<CachedDoc>, WriteError> {
         let stored = self
             .store
             .record(key)
@@ -602,20 +626,42 @@ impl Engine {
         match stored {
             Some(stored) => {
                 let doc = RecordDoc::load(&stored.doc, self.actor.clone())?;
-                Ok(CachedDoc { doc, stored })
+                Ok(Some(CachedDoc { doc, stored }))
             }
-            None => Ok(CachedDoc {
-                doc: RecordDoc::new(self.actor.clone())?,
-                stored: StoredRecord {
-                    live: false,
-                    version: Version::ZERO,
-                    home_region: self.home_region(key),
-                    view_json: Vec::new(),
-                    doc: Vec::new(),
-                    appended_changes: 0,
-                },
-            }),
+            None => Ok(None),
         }
+    }
+
+    /// A document for a record that does not exist here yet.
+    fn blank_doc(&self, key: &str) -> Result<CachedDoc, WriteError> {
+        Ok(CachedDoc {
+            doc: RecordDoc::new(self.actor.clone())?,
+            stored: StoredRecord {
+                live: false,
+                version: Version::ZERO,
+                home_region: self.home_region(key),
+                view_json: Vec::new(),
+                doc: Vec::new(),
+                appended_changes: 0,
+            },
+        })
+    }
+
+    /// The record made by a first write: its document is the change's bytes.
+    fn first_record(
+        &self,
+        key: &str,
+        view: &RecordView,
+        change: &meridian_replication::LocalChange,
+    ) -> Result<StoredRecord, WriteError> {
+        Ok(StoredRecord {
+            live: true,
+            version: change.version,
+            home_region: self.home_region(key),
+            view_json: serde_json::to_vec(view).map_err(|e| WriteError::Storage(e.to_string()))?,
+            doc: change.bytes.clone(),
+            appended_changes: 1,
+        })
     }
 
     /// The record to store after `change`: the previous bytes with the change appended, or a
@@ -852,14 +898,53 @@ impl Engine {
         let mut items = Vec::with_capacity(chunk.len());
         let mut held = Vec::with_capacity(chunk.len());
         for (key, mut guard, accepted) in chunk {
-            let cached = match guard.cached.take() {
-                Some(c) => c,
-                None => self.load_doc(&key)?,
+            let loaded = match guard.cached.take() {
+                Some(c) => Some(c),
+                None => self.load_stored(&key)?,
             };
             let stored_pending = self
                 .store
                 .pending_for(&key)
                 .map_err(|e| WriteError::Storage(e.to_string()))?;
+            // A record new here whose one change is a plain first write: its view is read from
+            // the change, and no document is built until the record is next edited or merged.
+            if loaded.is_none()
+                && stored_pending.is_empty()
+                && let [only] = accepted.as_slice()
+                && !only.held_for_drift
+                && let Some(first) = first_write::view_of(&only.change)
+            {
+                let view_json = serde_json::to_vec(&first.view)
+                    .map_err(|e| WriteError::Storage(e.to_string()))?;
+                stats.applied += 1;
+                stats.newest = stats.newest.max(first.version);
+                let record = StoredRecord {
+                    live: true,
+                    version: first.version.unwrap_or(Version::ZERO),
+                    home_region: self.home_region(&key),
+                    view_json,
+                    doc: only.change.clone(),
+                    appended_changes: 1,
+                };
+                let log = accepted
+                    .into_iter()
+                    .map(|a| (a.origin, a.hlc, a.change))
+                    .collect();
+                items.push(WriteItem {
+                    key,
+                    record: Some(record),
+                    log,
+                    idempotency: None,
+                    pending_put: Vec::new(),
+                    pending_remove: Vec::new(),
+                });
+                held.push((guard, None));
+                continue;
+            }
+            let cached = match loaded {
+                Some(c) => c,
+                None => self.blank_doc(&key)?,
+            };
             let (item, cached) =
                 self.merge_into(key, cached, accepted, stored_pending, horizon, &mut stats);
             items.push(item);

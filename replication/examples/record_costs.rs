@@ -63,6 +63,52 @@ fn main() {
     }
     let apply_us = t.elapsed().as_secs_f64() * 1e6 / n as f64 - new_us;
 
+    let t = Instant::now();
+    let mut tracked: Vec<RecordDoc> = (0..n)
+        .map(|_| RecordDoc::new(ActorId::from(vec![9u8; 16])).expect("new"))
+        .collect();
+    for (d, c) in tracked.iter_mut().zip(&changes) {
+        d.apply_tracked(std::slice::from_ref(&c.bytes))
+            .expect("apply");
+    }
+    let tracked_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    let t = Instant::now();
+    let loaded: Vec<RecordDoc> = changes
+        .iter()
+        .map(|c| RecordDoc::load(&c.bytes, ActorId::from(vec![9u8; 16])).expect("load"))
+        .collect();
+    let load_change_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    let t = Instant::now();
+    let expanded: Vec<automerge::ExpandedChange> = changes
+        .iter()
+        .map(|c| {
+            automerge::Change::try_from(c.bytes.as_slice())
+                .expect("decode")
+                .decode()
+        })
+        .collect();
+    let expand_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let t = Instant::now();
+    let mut total = 0;
+    for e in expanded {
+        let mut c = automerge::Change::from(e);
+        total += c.bytes().len();
+    }
+    let encode_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    println!(
+        "change: parse+expand {expand_us:.1} µs  encode from expanded {encode_us:.1} µs ({total} B)"
+    );
+
+    let t = Instant::now();
+    drop(tracked);
+    drop(loaded);
+    let drop_us = t.elapsed().as_secs_f64() * 1e6 / (2 * n) as f64;
+
+    println!(
+        "new record from a remote change, µs: new+apply_tracked {tracked_us:.1}  load change as document {load_change_us:.1}  drop {drop_us:.1}"
+    );
     println!(
         "per record, µs: new {new_us:.1}  first put {put_us:.1}  view {view_us:.1}  save {save_us:.1}  update put {update_us:.1}  load {load_us:.1}  apply remote {apply_us:.1}  (saved {} B, change {} B)",
         saved[0].len(),

@@ -505,3 +505,129 @@ fn apply_tracked_reports_waiting_changes_until_their_dependencies_arrive() {
     assert_eq!(r.already_held, 1);
     assert_eq!(r.undecodable.len(), 1);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn a_first_write_encoded_without_a_document_is_what_put_on_a_blank_document_makes(
+        value in arb_object(),
+    ) {
+        let (change, known) = first_write::encode(&actor(1), &value, stamp(5, 1)).unwrap();
+        prop_assert_eq!(change.version, stamp(5, 1));
+        // The same view as automerge's own first write, and as automerge renders the bytes.
+        let mut by_put = RecordDoc::new(actor(1)).unwrap();
+        by_put.put(&value, stamp(5, 1)).unwrap();
+        prop_assert_eq!(&known, &view(&by_put));
+        let loaded = RecordDoc::load(&change.bytes, actor(1)).unwrap();
+        prop_assert_eq!(&view(&loaded), &known);
+        prop_assert_eq!(
+            serde_json::to_vec(&view(&loaded)).unwrap(),
+            serde_json::to_vec(&known).unwrap()
+        );
+        let (patched, patched_view) =
+            first_write::encode_patch(&actor(1), &value, stamp(5, 1)).unwrap();
+        let mut by_patch = RecordDoc::new(actor(1)).unwrap();
+        by_patch.patch(&value, stamp(5, 1)).unwrap();
+        prop_assert_eq!(&patched_view, &view(&by_patch));
+        prop_assert_eq!(&view(&RecordDoc::load(&patched.bytes, actor(1)).unwrap()), &patched_view);
+        let mut received = RecordDoc::new(actor(2)).unwrap();
+        let r = received.apply_tracked(std::slice::from_ref(&change.bytes)).unwrap();
+        prop_assert_eq!(r.applied, vec![0]);
+        prop_assert_eq!(r.newest, Some(stamp(5, 1)));
+        prop_assert_eq!(&view(&received), &known);
+    }
+
+    #[test]
+    fn the_view_read_from_a_first_change_is_what_automerge_renders(value in arb_object()) {
+        // Changes of both writers: automerge's first write and the direct encoding.
+        let mut doc = RecordDoc::new(actor(1)).unwrap();
+        let by_put = doc.put(&value, stamp(7, 3)).unwrap();
+        let (encoded, _) = first_write::encode(&actor(1), &value, stamp(7, 3)).unwrap();
+        for bytes in [&by_put.bytes, &encoded.bytes] {
+            let read = first_write::view_of(bytes).expect("a first write is read directly");
+            let rendered = view(&RecordDoc::load(bytes, actor(2)).unwrap());
+            prop_assert_eq!(&read.view, &rendered);
+            prop_assert_eq!(
+                serde_json::to_vec(&read.view).unwrap(),
+                serde_json::to_vec(&rendered).unwrap()
+            );
+            prop_assert_eq!(read.version, Some(stamp(7, 3)));
+        }
+    }
+}
+
+#[test]
+fn a_record_first_written_without_a_document_edits_and_merges_like_any_other() {
+    // Region A writes the record first without a document, region B writes it concurrently
+    // through automerge; both then edit. Merged in either order, they agree.
+    let (a_first, _) =
+        first_write::encode(&actor(1), &obj(json!({"x": 1, "l": [1, 2]})), stamp(10, 1)).unwrap();
+    let mut a = RecordDoc::load(&a_first.bytes, actor(1)).unwrap();
+    a.patch(&obj(json!({"y": "a"})), stamp(12, 1)).unwrap();
+    let mut b = RecordDoc::new(actor(2)).unwrap();
+    b.put(&obj(json!({"x": 2})), stamp(11, 2)).unwrap();
+    let mut c = RecordDoc::load(&a.save(), actor(3)).unwrap();
+    sync(&mut a, &mut b);
+    let (ca, cb) = (c.changes(), b.changes());
+    c.apply_remote(cb.iter().map(Vec::as_slice)).unwrap();
+    let mut d = RecordDoc::new(actor(4)).unwrap();
+    d.apply_remote(cb.iter().map(Vec::as_slice)).unwrap();
+    d.apply_remote(ca.iter().map(Vec::as_slice)).unwrap();
+    let merged = view(&a);
+    assert_eq!(view(&b), merged);
+    assert_eq!(view(&c), merged);
+    assert_eq!(view(&d), merged);
+    // Concurrent first writes: one value wins, the other is a visible conflict.
+    assert_eq!(merged.conflicts.len(), 1, "{merged:?}");
+}
+
+#[test]
+fn changes_not_shaped_as_a_first_write_are_left_to_automerge() {
+    let mut doc = RecordDoc::new(actor(1)).unwrap();
+    doc.put(&obj(json!({"x": 1})), stamp(1, 1)).unwrap();
+    // A second change has a dependency.
+    let second = doc.patch(&obj(json!({"x": 2})), stamp(2, 1)).unwrap();
+    assert!(first_write::view_of(&second.bytes).is_none());
+    // A counter made by a first increment.
+    let mut counter = RecordDoc::new(actor(1)).unwrap();
+    let incr = counter.incr("n", 3, stamp(3, 1)).unwrap();
+    assert!(first_write::view_of(&incr.bytes).is_none());
+    assert!(first_write::view_of(b"not a change").is_none());
+    // Nesting beyond MAX_DEPTH, which no write accepts, is not rendered here.
+    let mut ops = Vec::new();
+    let mut parent = automerge::legacy::ObjectId::Root;
+    let mut key = automerge::legacy::Key::Map("v:deep".into());
+    for i in 1..=(MAX_DEPTH as u64 + 2) {
+        ops.push(automerge::legacy::Op {
+            action: automerge::legacy::OpType::Make(ObjType::Map),
+            obj: parent,
+            key,
+            pred: automerge::legacy::SortedVec::new(),
+            insert: false,
+        });
+        parent = automerge::legacy::ObjectId::Id(automerge::legacy::OpId::new(i, &actor(1)));
+        key = automerge::legacy::Key::Map("k".into());
+    }
+    ops.push(automerge::legacy::Op {
+        action: automerge::legacy::OpType::Put(ScalarValue::Str("t".into())),
+        obj: automerge::legacy::ObjectId::Root,
+        key: automerge::legacy::Key::Map(LIVE_KEY.into()),
+        pred: automerge::legacy::SortedVec::new(),
+        insert: false,
+    });
+    let deep = Change::from(automerge::ExpandedChange {
+        operations: ops,
+        actor_id: actor(1),
+        hash: None,
+        seq: 1,
+        start_op: std::num::NonZeroU64::MIN,
+        time: 0,
+        message: None,
+        deps: Vec::new(),
+        extra_bytes: Vec::new(),
+        author: None,
+    });
+    assert!(RecordDoc::load(deep.raw_bytes(), actor(2)).is_ok());
+    assert!(first_write::view_of(deep.raw_bytes()).is_none());
+}
