@@ -244,6 +244,14 @@ struct CachedDoc {
     stored: StoredRecord,
 }
 
+/// Remote changes merged into their records and not yet committed; holds the records' locks.
+pub struct PreparedApply {
+    items: Vec<WriteItem>,
+    held: Vec<(tokio::sync::OwnedMutexGuard<Slot>, Option<CachedDoc>)>,
+    stats: ApplyStats,
+    frontier: Vec<FrontierEntry>,
+}
+
 /// One key's lock; holds its document while cached.
 #[derive(Default)]
 struct Slot {
@@ -809,6 +817,16 @@ impl Engine {
     /// Store and apply a planned batch of received changes: documents, log entries, kept-aside
     /// changes and the new frontier in one durable transaction.
     pub async fn apply_remote(self: &Arc<Self>, plan: Plan) -> Result<ApplyStats, WriteError> {
+        let prepared = self.prepare_remote(plan).await?;
+        self.commit_prepared(prepared).await
+    }
+
+    /// The first half of [`Engine::apply_remote`]: lock the records of `plan` and merge its
+    /// changes into them, without committing. The locks are held by the returned value until
+    /// [`Engine::commit_prepared`] has committed it (or it is dropped, which discards it). A
+    /// link prepares its next batch while the previous one commits, so that merging (CPU on
+    /// both cores) and committing (the writer thread and the disk) overlap.
+    pub async fn prepare_remote(self: &Arc<Self>, plan: Plan) -> Result<PreparedApply, WriteError> {
         let horizon = self.drift_horizon_ntp64();
         let keys = plan.by_key.len();
         // Locks are taken in key order (BTreeMap), so two batches can never deadlock.
@@ -860,7 +878,27 @@ impl Engine {
             // or are left untouched.
             return Err(e);
         }
-        let outcome = self.commit(items, plan.frontier).await;
+        Ok(PreparedApply {
+            items,
+            held,
+            stats,
+            frontier: plan.frontier,
+        })
+    }
+
+    /// The second half of [`Engine::apply_remote`]: commit a prepared batch, then hand its
+    /// merged documents to the cache and release its records.
+    pub async fn commit_prepared(
+        self: &Arc<Self>,
+        prepared: PreparedApply,
+    ) -> Result<ApplyStats, WriteError> {
+        let PreparedApply {
+            items,
+            held,
+            stats,
+            frontier,
+        } = prepared;
+        let outcome = self.commit(items, frontier).await;
         let committed = outcome.is_ok();
         for (mut guard, cached) in held {
             // On failure the documents hold changes that are not on disk: drop them.

@@ -15,6 +15,7 @@
 //! * A frame is at most `MAX_FRAME_BYTES`, checked before reading it; a bad frame or protocol
 //!   violation ends the link (which resumes from the durable frontier), never the process.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,14 +28,17 @@ use meridian_replication::wire::{MAX_FRAME_BYTES, Message, PROTOCOL_VERSION};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::engine::{Engine, unix_ms};
+use crate::engine::{ApplyStats, Engine, unix_ms};
 use crate::metrics::{PeerLink, PeerRegion, Reason};
 use crate::storage::{Store, StoreError};
 use crate::tls::{self, MAX_CONNECTION_AGE, PeerTls};
 use crate::topology::NodeConfig;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A peer that is down is dialled about this often (plus jitter). Low, because the time from a
+/// healed partition to the redial is part of every catch-up (a cut longer than QUIC's idle
+/// timeout ends the links), and a dial to a handful of peers every two seconds costs nothing.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Received batches waiting to be applied on one link; beyond it, the reader stops reading and
 /// QUIC's stream flow control holds the sender back.
 const INBOUND_QUEUE_BATCHES: usize = 8;
@@ -67,6 +71,8 @@ pub enum LinkError {
     Store(#[from] StoreError),
     #[error("applying received changes: {0}")]
     Apply(#[from] crate::engine::WriteError),
+    #[error("the peer reached this node while a dial to it was pending")]
+    PeerReachedUs,
 }
 
 /// The answer of a peer to a forwarded request.
@@ -243,6 +249,10 @@ struct Ctx {
     tls: Arc<PeerTls>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Receiver<bool>,
+    /// Per peer: signalled when that peer reached us (its subscription was accepted). The path
+    /// between us works again, so our own dial to it, waiting in backoff or in a handshake
+    /// begun while the path was cut, starts over at once instead of at the next retry.
+    reachable: HashMap<String, watch::Sender<()>>,
 }
 
 /// Start replication: bind the node's peer address, accept subscriptions, subscribe to every
@@ -260,17 +270,21 @@ pub async fn run(
     });
     // Only one replication driver runs per engine; a second set would be a bug, not a state.
     let _ = engine.forwarder.set(forwarder.clone());
+    let peers: Vec<NodeConfig> = engine.topology.peers_of(&engine.node_id).cloned().collect();
     let ctx = Arc::new(Ctx {
         forwarder,
         engine: engine.clone(),
         tls: Arc::new(tls),
         endpoint: endpoint.clone(),
         shutdown: shutdown.clone(),
+        reachable: peers
+            .iter()
+            .map(|p| (p.id.clone(), watch::Sender::new(())))
+            .collect(),
     });
     // Every line a link logs carries the node and region of the span we run in.
     let span = tracing::Span::current();
     let mut tasks = tokio::task::JoinSet::new();
-    let peers: Vec<NodeConfig> = engine.topology.peers_of(&engine.node_id).cloned().collect();
     for peer in peers {
         tasks.spawn(subscribe_loop(ctx.clone(), peer).instrument(span.clone()));
     }
@@ -398,6 +412,7 @@ fn jitter(base: Duration) -> Duration {
 async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
     let engine = &ctx.engine;
     let mut shutdown = ctx.shutdown.clone();
+    let mut reachable = ctx.reachable.get(&peer.id).map(watch::Sender::subscribe);
     let mut backoff = BACKOFF_MIN;
     let mut last_error: Option<String> = None;
     let link = PeerLink {
@@ -414,7 +429,11 @@ async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
             .dial_addr(&engine.node_id, &peer.id)
             .unwrap_or(peer.peer);
         let started = Instant::now();
-        let result = subscribe_once(&ctx, &peer, addr).await;
+        // Only a contact after this dial began counts as news.
+        if let Some(r) = reachable.as_mut() {
+            r.mark_unchanged();
+        }
+        let result = subscribe_once(&ctx, &peer, addr, reachable.as_mut()).await;
         ctx.forwarder.register(&peer.id, None);
         engine.metrics.peer_up.get_or_create(&link).set(0);
         update_peer(engine, &peer.id, |s| {
@@ -425,6 +444,11 @@ async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
                 last_error = None;
+            }
+            Err(LinkError::PeerReachedUs) => {
+                tracing::info!(peer = %peer.id, "peer reached this node while a dial to it was pending; dialling again now");
+                backoff = BACKOFF_MIN;
+                continue;
             }
             Err(e) if peer_said_goodbye(&e).is_some() => {
                 let reason = peer_said_goodbye(&e).unwrap_or_default();
@@ -457,12 +481,30 @@ async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
         backoff = (backoff * 2).min(BACKOFF_MAX);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = peer_reached_us(reachable.as_mut()) => backoff = BACKOFF_MIN,
             _ = shutdown.changed() => {}
         }
     }
 }
 
-async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Result<(), LinkError> {
+/// Returns when the peer behind `reachable` reaches this node; never without one.
+async fn peer_reached_us(reachable: Option<&mut watch::Receiver<()>>) {
+    match reachable {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn subscribe_once(
+    ctx: &Ctx,
+    peer: &NodeConfig,
+    addr: SocketAddr,
+    reachable: Option<&mut watch::Receiver<()>>,
+) -> Result<(), LinkError> {
     let engine = &ctx.engine;
     let policy = &engine.topology.residency;
     let mut stop = ctx.shutdown.clone();
@@ -470,6 +512,7 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
     // wait for it.
     let conn = tokio::select! {
         c = tls::dial(&ctx.endpoint, &ctx.tls, &peer.id, addr) => c?,
+        () = peer_reached_us(reachable) => return Err(LinkError::PeerReachedUs),
         _ = stop.changed() => return Ok(()),
     };
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -519,18 +562,32 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
     });
     let _reader = AbortOnDrop(reader);
     let max_drift_ntp64 = ((u128::from(engine.topology.clock.max_drift_ms) << 32) / 1000) as u64;
+    // At most one batch commits while the next is received and merged; its acknowledgements
+    // are sent once it is durable.
+    let mut in_flight: Option<CommitInFlight> = None;
     loop {
-        let first = tokio::select! {
-            m = frames.recv() => match m {
-                Some(m) => m?,
-                None => return Err(LinkError::StreamEnded),
-            },
-            () = &mut age_limit => {
+        let event = tokio::select! {
+            m = frames.recv() => LinkEvent::Frame(m),
+            r = commit_done(&mut in_flight) => LinkEvent::Committed(r),
+            () = &mut age_limit => LinkEvent::AgeLimit,
+            _ = shutdown.changed() => LinkEvent::Shutdown,
+        };
+        let first = match event {
+            LinkEvent::Frame(Some(m)) => m?,
+            LinkEvent::Frame(None) => return Err(LinkError::StreamEnded),
+            LinkEvent::Committed(result) => {
+                if let Some(done) = in_flight.take() {
+                    finish_commit(engine, peer, &region_label, &mut send, done, result).await?;
+                }
+                continue;
+            }
+            LinkEvent::AgeLimit => {
                 // Reconnecting re-checks certificates, so rotated or revoked ones take effect.
+                // A commit still running finishes on its own; the next link's hello states it.
                 conn.close(0u32.into(), b"connection age limit");
                 return Ok(());
             }
-            _ = shutdown.changed() => {
+            LinkEvent::Shutdown => {
                 close_link(&conn, &mut send, 0, "node shutting down").await;
                 return Ok(());
             }
@@ -604,63 +661,20 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
                     .filter(|a| !a.held_for_drift)
                     .map(|a| a.hlc)
                     .collect();
-                let newest_accepted = accepted_hlcs.iter().copied().max();
-                let stats = engine.apply_remote(plan).await?;
-                for seq in seqs {
-                    write_msg(&mut send, &Message::Ack { seq }).await?;
-                }
-                if stats.held_for_drift > 0 {
-                    engine
-                        .metrics
-                        .drift_refusals_total
-                        .get_or_create(&region_label)
-                        .inc_by(stats.held_for_drift as u64);
-                    tracing::warn!(peer = %peer.id, held = stats.held_for_drift, "received changes stamped beyond the maximum clock drift; held until this clock catches up");
-                }
-                engine
-                    .metrics
-                    .changes_applied_total
-                    .get_or_create(&region_label)
-                    .inc_by(stats.applied as u64);
-                if stats.quarantined > 0 {
-                    engine
-                        .metrics
-                        .changes_quarantined_total
-                        .inc_by(stats.quarantined as u64);
-                }
-                let now_ms = unix_ms();
-                let lag_ms = newest_accepted.map(|hlc| {
-                    let origin_ms = meridian_replication::Version {
-                        time_ntp64: hlc,
-                        node_hlc_id: 0,
+                let prepared = engine.prepare_remote(plan).await?;
+                // Commits stay in order: the previous batch is durable and acknowledged before
+                // this one is handed to the writer.
+                if in_flight.is_some() {
+                    let result = commit_done(&mut in_flight).await;
+                    if let Some(done) = in_flight.take() {
+                        finish_commit(engine, peer, &region_label, &mut send, done, result).await?;
                     }
-                    .unix_ms();
-                    now_ms.saturating_sub(origin_ms)
-                });
-                let lag_hist = engine
-                    .metrics
-                    .apply_lag_seconds
-                    .get_or_create(&region_label);
-                let now_ntp64 = engine.clock.now().time_ntp64;
-                for hlc in &accepted_hlcs {
-                    // NTP64: upper 32 bits seconds, lower 32 bits fraction.
-                    lag_hist.observe(now_ntp64.saturating_sub(*hlc) as f64 / 4_294_967_296.0);
                 }
-                drop(lag_hist);
-                if let Some(lag) = lag_ms {
-                    engine
-                        .metrics
-                        .replication_lag_seconds
-                        .get_or_create(&region_label)
-                        .set(lag as f64 / 1000.0);
-                }
-                update_peer(engine, &peer.id, |s| {
-                    s.changes_applied += stats.applied as u64;
-                    s.drift_refusals += stats.held_for_drift as u64;
-                    if lag_ms.is_some() {
-                        s.lag_ms = lag_ms;
-                        s.last_applied_unix_ms = Some(now_ms);
-                    }
+                let committing = Arc::clone(engine);
+                in_flight = Some(CommitInFlight {
+                    seqs,
+                    accepted_hlcs,
+                    task: tokio::spawn(async move { committing.commit_prepared(prepared).await }),
                 });
             }
         }
@@ -684,6 +698,103 @@ async fn subscribe_once(ctx: &Ctx, peer: &NodeConfig, addr: SocketAddr) -> Resul
             }
         }
     }
+}
+
+/// What a link's event loop waits for.
+enum LinkEvent {
+    Frame(Option<Result<Message, LinkError>>),
+    Committed(Result<ApplyStats, LinkError>),
+    AgeLimit,
+    Shutdown,
+}
+
+/// A received batch being committed in its own task, with what its acknowledgement and
+/// metrics need once it is durable.
+struct CommitInFlight {
+    seqs: Vec<u64>,
+    accepted_hlcs: Vec<u64>,
+    task: tokio::task::JoinHandle<Result<ApplyStats, crate::engine::WriteError>>,
+}
+
+/// The outcome of the commit in flight; never ready when there is none.
+async fn commit_done(in_flight: &mut Option<CommitInFlight>) -> Result<ApplyStats, LinkError> {
+    match in_flight {
+        Some(f) => match (&mut f.task).await {
+            Ok(result) => result.map_err(LinkError::from),
+            Err(e) => Err(LinkError::Apply(crate::engine::WriteError::Storage(
+                format!("commit task failed: {e}"),
+            ))),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Acknowledge a committed batch and account for it in metrics and status.
+async fn finish_commit(
+    engine: &Arc<Engine>,
+    peer: &NodeConfig,
+    region_label: &PeerRegion,
+    send: &mut quinn::SendStream,
+    done: CommitInFlight,
+    result: Result<ApplyStats, LinkError>,
+) -> Result<(), LinkError> {
+    let stats = result?;
+    for seq in done.seqs {
+        write_msg(send, &Message::Ack { seq }).await?;
+    }
+    let accepted_hlcs = done.accepted_hlcs;
+    let newest_accepted = accepted_hlcs.iter().copied().max();
+    if stats.held_for_drift > 0 {
+        engine
+            .metrics
+            .drift_refusals_total
+            .get_or_create(region_label)
+            .inc_by(stats.held_for_drift as u64);
+        tracing::warn!(peer = %peer.id, held = stats.held_for_drift, "received changes stamped beyond the maximum clock drift; held until this clock catches up");
+    }
+    engine
+        .metrics
+        .changes_applied_total
+        .get_or_create(region_label)
+        .inc_by(stats.applied as u64);
+    if stats.quarantined > 0 {
+        engine
+            .metrics
+            .changes_quarantined_total
+            .inc_by(stats.quarantined as u64);
+    }
+    let now_ms = unix_ms();
+    let lag_ms = newest_accepted.map(|hlc| {
+        let origin_ms = meridian_replication::Version {
+            time_ntp64: hlc,
+            node_hlc_id: 0,
+        }
+        .unix_ms();
+        now_ms.saturating_sub(origin_ms)
+    });
+    let lag_hist = engine.metrics.apply_lag_seconds.get_or_create(region_label);
+    let now_ntp64 = engine.clock.now().time_ntp64;
+    for hlc in &accepted_hlcs {
+        // NTP64: upper 32 bits seconds, lower 32 bits fraction.
+        lag_hist.observe(now_ntp64.saturating_sub(*hlc) as f64 / 4_294_967_296.0);
+    }
+    drop(lag_hist);
+    if let Some(lag) = lag_ms {
+        engine
+            .metrics
+            .replication_lag_seconds
+            .get_or_create(region_label)
+            .set(lag as f64 / 1000.0);
+    }
+    update_peer(engine, &peer.id, |s| {
+        s.changes_applied += stats.applied as u64;
+        s.drift_refusals += stats.held_for_drift as u64;
+        if lag_ms.is_some() {
+            s.lag_ms = lag_ms;
+            s.last_applied_unix_ms = Some(now_ms);
+        }
+    });
+    Ok(())
 }
 
 /// Aborts a task when dropped, so a link's reader never outlives the link.
@@ -805,6 +916,9 @@ async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), Li
         }
     };
     write_msg(&mut send, &hello(engine, &Frontier::default())).await?;
+    if let Some(r) = ctx.reachable.get(&identity.node_id) {
+        r.send_replace(());
+    }
     // Further streams on this connection are requests the peer forwards to us.
     let forwards = tokio::spawn(
         serve_forwards(engine.clone(), conn.clone(), identity.node_id.clone())
