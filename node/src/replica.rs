@@ -1061,3 +1061,36 @@ async fn retry_loop(ctx: Arc<Ctx>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pending_dial_is_cut_short_only_by_contact_after_it_began() {
+        let reached = watch::Sender::new(());
+        let mut seen = reached.subscribe();
+        let short = Duration::from_millis(50);
+        // Contact before this dial began is old news.
+        reached.send_replace(());
+        seen.mark_unchanged();
+        assert!(
+            tokio::time::timeout(short, peer_reached_us(Some(&mut seen)))
+                .await
+                .is_err()
+        );
+        // Contact while it is pending ends the wait.
+        reached.send_replace(());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(30), peer_reached_us(Some(&mut seen)))
+                .await
+                .is_ok()
+        );
+        // Without a signal for the peer, nothing ends it.
+        assert!(
+            tokio::time::timeout(short, peer_reached_us(None))
+                .await
+                .is_err()
+        );
+    }
+}
