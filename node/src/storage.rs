@@ -1503,6 +1503,16 @@ mod tests {
         assert_eq!(outcomes[2], ItemOutcome::KeyReused);
         assert_eq!(store.record("a").unwrap().unwrap().version.time_ntp64, 1);
         assert!(store.record("b").unwrap().is_none());
+        // A later batch finds the key in the table.
+        let mut later = item("a", 4);
+        later.idempotency = Some(("idem".into(), answer(1)));
+        let mut later_other = item("c", 5);
+        later_other.idempotency = Some(("idem".into(), answer(3)));
+        let outcomes = store.commit_batch(&[later, later_other], &[]).unwrap();
+        assert_eq!(outcomes[0], ItemOutcome::Replayed(answer(1)));
+        assert_eq!(outcomes[1], ItemOutcome::KeyReused);
+        assert_eq!(store.record("a").unwrap().unwrap().version.time_ntp64, 1);
+        assert!(store.record("c").unwrap().is_none());
         assert_eq!(store.prune_idempotency(2, 100).unwrap(), 1);
         assert!(store.idempotent_answer("idem").unwrap().is_none());
     }
