@@ -54,6 +54,12 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alive interval: several per idle timeout, so one lost packet does not close a link.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// A dial whose handshake has not completed by then is abandoned (and retried with backoff).
+/// A dial begun during a partition retransmits its first packet with a doubling timeout
+/// (RFC 9002), so without this bound the first packet after the heal could come seconds
+/// late, up to the idle timeout; a fresh dial sends at once. Several round trips of the
+/// longest links (a handshake is 1–2) plus loss.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Flow-control window of a whole connection: bounds what a peer may have in flight to us.
 pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// Flow-control window of one stream.
@@ -147,6 +153,12 @@ pub enum TlsError {
         peer: String,
         addr: SocketAddr,
         source: quinn::ConnectionError,
+    },
+    #[error("handshake with peer {peer:?} at {addr} did not complete within {after:?}")]
+    HandshakeTimeout {
+        peer: String,
+        addr: SocketAddr,
+        after: Duration,
     },
     #[error("the peer presented no certificate")]
     NoPeerCertificate,
@@ -919,11 +931,28 @@ pub async fn dial(
             addr,
             source,
         })?;
-    connecting.await.map_err(|source| TlsError::Handshake {
-        peer: peer_id.to_string(),
-        addr,
-        source,
-    })
+    dial_within(connecting, HANDSHAKE_TIMEOUT, peer_id, addr).await
+}
+
+async fn dial_within(
+    connecting: quinn::Connecting,
+    limit: Duration,
+    peer_id: &str,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, TlsError> {
+    // Dropping `connecting` on the timeout abandons the attempt.
+    match tokio::time::timeout(limit, connecting).await {
+        Ok(done) => done.map_err(|source| TlsError::Handshake {
+            peer: peer_id.to_string(),
+            addr,
+            source,
+        }),
+        Err(_) => Err(TlsError::HandshakeTimeout {
+            peer: peer_id.to_string(),
+            addr,
+            after: limit,
+        }),
+    }
 }
 
 /// The TLS server name sent when dialling `peer_id`. The verifier ignores it (identity is the
@@ -1224,6 +1253,30 @@ api = "127.0.0.1:8301"
             PeerTls::load(topology, "nowhere-1").unwrap_err(),
             TlsError::UnknownNode(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_dial_to_a_peer_that_never_answers_gives_up_at_the_handshake_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let topology = cluster(dir.path());
+        let a = PeerTls::load(topology.clone(), "eu-west-1").unwrap();
+        let a_ep = endpoint(localhost(), &a).unwrap();
+        // A bound UDP socket that reads nothing: the dial's packets vanish, as in a partition.
+        let black_hole = std::net::UdpSocket::bind(localhost()).unwrap();
+        let addr = black_hole.local_addr().unwrap();
+        let connecting = a_ep
+            .connect_with(a.client_config("us-east-1"), addr, server_name("us-east-1"))
+            .unwrap();
+        let limit = Duration::from_millis(300);
+        let result = timeout(DEADLINE, dial_within(connecting, limit, "us-east-1", addr))
+            .await
+            .expect("the dial ends by itself");
+        match result {
+            Err(e @ TlsError::HandshakeTimeout { .. }) => {
+                assert!(e.to_string().contains("did not complete"), "{e}");
+            }
+            other => panic!("expected a handshake timeout, got {:?}", other.map(|_| ())),
+        }
     }
 
     #[tokio::test]
