@@ -38,29 +38,7 @@ struct Cluster {
 fn cluster() -> Cluster {
     let dir = tempfile::tempdir().expect("tempdir");
     let api_port = common::free_tcp_port();
-    let nodes = format!(
-        r#"cluster = "residency"
-[tls]
-ca = "certs/ca.pem"
-[[regions]]
-name = "eu-west"
-[[regions]]
-name = "us-east"
-[[nodes]]
-id = "eu-1"
-region = "eu-west"
-peer = "127.0.0.1:{}"
-api = "127.0.0.1:{api_port}"
-[[nodes]]
-id = "us-1"
-region = "us-east"
-peer = "127.0.0.1:{}"
-api = "127.0.0.1:{}"
-"#,
-        common::free_udp_port(),
-        common::free_udp_port(),
-        common::free_tcp_port(),
-    );
+    let nodes = common::two_region_nodes("residency", api_port);
     let open = dir.path().join("open.toml");
     let pinned = dir.path().join("pinned.toml");
     std::fs::write(&open, &nodes).expect("write topology");

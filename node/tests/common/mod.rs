@@ -38,52 +38,13 @@ pub fn free_udp_port() -> u16 {
     })
 }
 
-/// A two-region topology: `eu-1` in eu-west (the node under test) and `us-1` in us-east.
-/// `users/us/*` is pinned to us-east with foreign = reject; `users/ap/*` to us-east with
-/// foreign = forward.
-/// An eu-west/us-east topology text (nodes `eu-1` and `us-1` on free loopback ports, CA in
-/// `certs/`) with one `[[links]]` entry per `(from, to)`, each through a free `via` port.
-pub fn two_region_topology(cluster: &str, links: &[(&str, &str)]) -> String {
-    let mut text = format!(
+/// Regions eu-west and us-east with nodes `eu-1` (API on `eu_api_port`) and `us-1`, the other
+/// ports free loopback ports, the CA in `certs/`: the start of every two-region test topology.
+pub fn two_region_nodes(cluster: &str, eu_api_port: u16) -> String {
+    format!(
         r#"cluster = "{cluster}"
 [tls]
 ca = "certs/ca.pem"
-[[regions]]
-name = "eu-west"
-[[regions]]
-name = "us-east"
-[[nodes]]
-id = "eu-1"
-region = "eu-west"
-peer = "127.0.0.1:{eu_peer}"
-api = "127.0.0.1:{eu_api}"
-[[nodes]]
-id = "us-1"
-region = "us-east"
-peer = "127.0.0.1:{us_peer}"
-api = "127.0.0.1:{us_api}"
-"#,
-        eu_peer = free_udp_port(),
-        eu_api = free_tcp_port(),
-        us_peer = free_udp_port(),
-        us_api = free_tcp_port(),
-    );
-    for (from, to) in links {
-        text.push_str(&format!(
-            "[[links]]\nfrom = \"{from}\"\nto = \"{to}\"\nvia = \"127.0.0.1:{}\"\n",
-            free_udp_port()
-        ));
-    }
-    text
-}
-
-pub fn write_topology(dir: &Path, eu_api_port: u16) -> PathBuf {
-    let text = format!(
-        r#"cluster = "test"
-[tls]
-ca = "certs/ca.pem"
-[clock]
-max_drift_ms = 500
 [[regions]]
 name = "eu-west"
 [[regions]]
@@ -98,6 +59,33 @@ id = "us-1"
 region = "us-east"
 peer = "127.0.0.1:{us_peer}"
 api = "127.0.0.1:{us_api}"
+"#,
+        eu_peer = free_udp_port(),
+        us_peer = free_udp_port(),
+        us_api = free_tcp_port(),
+    )
+}
+
+/// [`two_region_nodes`] with one `[[links]]` entry per `(from, to)`, each through a free `via`
+/// port.
+pub fn two_region_topology(cluster: &str, links: &[(&str, &str)]) -> String {
+    let mut text = two_region_nodes(cluster, free_tcp_port());
+    for (from, to) in links {
+        text.push_str(&format!(
+            "[[links]]\nfrom = \"{from}\"\nto = \"{to}\"\nvia = \"127.0.0.1:{}\"\n",
+            free_udp_port()
+        ));
+    }
+    text
+}
+
+/// A two-region topology file in `dir` with certificates: `eu-1` in eu-west (the node under
+/// test) and `us-1` in us-east. `users/us/*` is pinned to us-east with foreign = reject;
+/// `users/ap/*` to us-east with foreign = forward.
+pub fn write_topology(dir: &Path, eu_api_port: u16) -> PathBuf {
+    let text = format!(
+        r#"{nodes}[clock]
+max_drift_ms = 500
 [[residency]]
 name = "us-only"
 keys = "users/us/*"
@@ -109,9 +97,7 @@ keys = "users/ap/*"
 home = "us-east"
 foreign = "forward"
 "#,
-        eu_peer = free_udp_port(),
-        us_peer = free_udp_port(),
-        us_api = free_tcp_port(),
+        nodes = two_region_nodes("test", eu_api_port),
     );
     let path = dir.join("topology.toml");
     std::fs::write(&path, text).expect("write topology");

@@ -186,7 +186,11 @@ pub fn view_of(bytes: &[u8]) -> Option<FirstView> {
         return None;
     }
     let version = change_version(&change);
-    let expanded = change.decode();
+    // Expanding maps each op's actor index through an `unwrap` inside automerge; a change
+    // from the network with an index beyond its actors would panic there. It is then left to
+    // `apply_tracked`, which contains automerge's panics and quarantines the change.
+    let expanded =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode())).ok()?;
     let actor = &expanded.actor_id;
     let start = expanded.start_op.get();
     // Node 0 is the root map; objects made by the change by their op counter, with their depth.
