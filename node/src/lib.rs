@@ -2,17 +2,13 @@
 //! the driver that joins them to tokio. The binary `meridian` (src/main.rs) is a thin CLI over
 //! this library, so tests can run a node in-process on a listener bound to port 0.
 
-pub mod api;
-pub mod audit;
 pub mod clock;
-pub mod commit_log;
-pub mod dev;
+pub mod config;
 pub mod engine;
-pub mod logging;
-pub mod metrics;
+pub mod http;
+pub mod observe;
+pub mod peer;
 pub mod proxy;
-pub mod replica;
 pub mod server;
-pub mod storage;
-pub mod tls;
-pub mod topology;
+pub mod store;
+pub mod tools;

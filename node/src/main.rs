@@ -7,9 +7,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use meridian_node::logging::{self, LogFormat};
-use meridian_node::topology::{self, Topology, TopologyError};
-use meridian_node::{audit, clock, dev, server, storage, tls};
+use meridian_node::config::{self as topology, Topology, TopologyError};
+use meridian_node::observe::logging::{self, LogFormat};
+use meridian_node::peer::tls;
+use meridian_node::store::{self as storage, audit};
+use meridian_node::tools::dev;
+use meridian_node::{clock, server};
 
 /// automerge's documents are many small allocations; mimalloc makes them and their frees
 /// cheaper than glibc's allocator (BENCHMARKS.md has the figures).
@@ -539,7 +542,7 @@ fn certs(topology_path: &std::path::Path, out: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     tls::install_crypto_provider();
-    match tls::generate_certs(&topology, out) {
+    match meridian_node::tools::certs::generate_certs(&topology, out) {
         Ok(report) => {
             if report.ca_reused {
                 println!("kept the existing CA in {}", out.display());

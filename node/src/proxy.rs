@@ -48,7 +48,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::topology::Topology;
+use crate::config::Topology;
 
 /// Largest delay or jitter accepted, in milliseconds (one minute).
 pub const MAX_DELAY_MS: u64 = 60_000;

@@ -10,9 +10,9 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::clock::{ClockError, NodeClock};
+use crate::config::Topology;
 use crate::engine::{Engine, EngineConfig};
-use crate::storage::{Store, StoreError};
-use crate::topology::Topology;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -32,9 +32,9 @@ pub enum ServeError {
     #[error("the API server failed: {0}")]
     Http(std::io::Error),
     #[error("replication cannot start: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::peer::tls::TlsError),
     #[error(transparent)]
-    Residency(#[from] crate::audit::StartRefused),
+    Residency(#[from] crate::store::audit::StartRefused),
 }
 
 /// Where a node keeps its data when `--data-dir` is not given: `data/<node>` beside the
@@ -65,7 +65,7 @@ pub fn open(
         return Err(ServeError::UnknownNode(node_id.to_string()));
     }
     let (store, identity) = Store::open(data_dir, node_id)?;
-    crate::audit::enforce_at_start(&store, &topology, node_id, options.purge_disallowed)?;
+    crate::store::audit::enforce_at_start(&store, &topology, node_id, options.purge_disallowed)?;
     let clock = NodeClock::new(node_id, topology.clock.max_drift_ms, identity.last_hlc)?;
     Engine::start(topology, node_id, store, clock, &identity, options.engine)
         .map_err(ServeError::Engine)
@@ -85,8 +85,8 @@ pub async fn run(
     // must not start half-way.
     let has_peers = topology.peers_of(node_id).next().is_some();
     let peer_tls = if has_peers {
-        crate::tls::install_crypto_provider();
-        Some(crate::tls::PeerTls::load(topology.clone(), node_id)?)
+        crate::peer::tls::install_crypto_provider();
+        Some(crate::peer::tls::PeerTls::load(topology.clone(), node_id)?)
     } else {
         None
     };
@@ -103,10 +103,10 @@ pub async fn run(
             "node serving"
         );
     });
-    let mut app = crate::api::router(engine.clone());
+    let mut app = crate::http::router(engine.clone());
     if test_clock_control {
         tracing::warn!("TEST ONLY: PUT /v1/test/clock-offset can skew this node's wall clock");
-        app = crate::api::test_clock_router().merge(app);
+        app = crate::http::test_clock_router().merge(app);
     }
     let app = app.layer(axum::middleware::from_fn({
         let span = span.clone();
@@ -122,7 +122,7 @@ pub async fn run(
             let span = span.clone();
             Some(tokio::spawn(
                 async move {
-                    let result = crate::replica::run(engine, tls, bind, stop_rx).await;
+                    let result = crate::peer::run(engine, tls, bind, stop_rx).await;
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "replication stopped");
                     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian_node::topology::Topology;
+use meridian_node::config::Topology;
 use reqwest::Client;
 use serde_json::{Value, json};
 

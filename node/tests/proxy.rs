@@ -592,8 +592,9 @@ async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
     let text = common::two_region_topology("proxy-test", &[("eu-1", "us-1"), ("us-1", "eu-1")]);
     let path = dir.path().join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
-    let topology = meridian_node::topology::Topology::load(&path).expect("valid topology");
-    meridian_node::tls::generate_certs(&topology, &dir.path().join("certs")).expect("certs");
+    let topology = meridian_node::config::Topology::load(&path).expect("valid topology");
+    meridian_node::tools::certs::generate_certs(&topology, &dir.path().join("certs"))
+        .expect("certs");
 
     let emu = Emulator::start(&topology, EmulatorOptions::default())
         .await
@@ -761,7 +762,7 @@ async fn cli_runs_the_emulator_until_sigterm() {
     let text = common::two_region_topology("proxy-cli", &[("eu-1", "us-1")]);
     let path = dir.path().join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
-    let topology = meridian_node::topology::Topology::load(&path).expect("valid topology");
+    let topology = meridian_node::config::Topology::load(&path).expect("valid topology");
     let via = topology.links[0].via.port();
     let us_peer = topology.node("us-1").expect("us-1").peer.port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_meridian"))

@@ -43,9 +43,10 @@ fn cluster() -> Cluster {
     let pinned = dir.path().join("pinned.toml");
     std::fs::write(&open, &nodes).expect("write topology");
     std::fs::write(&pinned, format!("{nodes}{US_RULE}")).expect("write topology");
-    let topology = meridian_node::topology::Topology::load(&open).expect("valid topology");
-    meridian_node::topology::Topology::load(&pinned).expect("valid pinned topology");
-    meridian_node::tls::generate_certs(&topology, &dir.path().join("certs")).expect("certs");
+    let topology = meridian_node::config::Topology::load(&open).expect("valid topology");
+    meridian_node::config::Topology::load(&pinned).expect("valid pinned topology");
+    meridian_node::tools::certs::generate_certs(&topology, &dir.path().join("certs"))
+        .expect("certs");
     Cluster {
         data: dir.path().join("data-eu-1"),
         api: SocketAddr::from(([127, 0, 0, 1], api_port)),
@@ -312,7 +313,7 @@ fn audit_refuses_bad_input_with_exit_2() {
     // A node that the topology does not declare: the directory of eu-1 under a topology
     // where the eu-west node is called eu-2.
     let (store, _) =
-        meridian_node::storage::Store::open(&c.data, "eu-1").expect("create the directory");
+        meridian_node::store::Store::open(&c.data, "eu-1").expect("create the directory");
     drop(store);
     let renamed = c.dir.path().join("renamed.toml");
     let text = std::fs::read_to_string(&c.pinned)

@@ -101,8 +101,9 @@ foreign = "forward"
     );
     let path = dir.join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
-    let topology = meridian_node::topology::Topology::load(&path).expect("valid topology");
-    meridian_node::tls::generate_certs(&topology, &dir.join("certs")).expect("certificates");
+    let topology = meridian_node::config::Topology::load(&path).expect("valid topology");
+    meridian_node::tools::certs::generate_certs(&topology, &dir.join("certs"))
+        .expect("certificates");
     path
 }
 

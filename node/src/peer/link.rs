@@ -28,11 +28,11 @@ use meridian_replication::wire::{MAX_FRAME_BYTES, Message, PROTOCOL_VERSION};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::config::NodeConfig;
 use crate::engine::{ApplyStats, Engine, unix_ms};
-use crate::metrics::{PeerLink, PeerRegion, Reason};
-use crate::storage::{Store, StoreError};
-use crate::tls::{self, MAX_CONNECTION_AGE, PeerTls};
-use crate::topology::NodeConfig;
+use crate::observe::metrics::{PeerLink, PeerRegion, Reason};
+use crate::peer::tls::{self, MAX_CONNECTION_AGE, PeerTls};
+use crate::store::{Store, StoreError};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// A peer that is down is dialled about this often (plus jitter). Low, because the time from a
@@ -99,7 +99,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 /// Carries client requests for records pinned elsewhere over the authenticated peer links.
 /// Uses the connections this node dialled (one per peer), one QUIC stream per request.
 pub struct Forwarder {
-    topology: Arc<crate::topology::Topology>,
+    topology: Arc<crate::config::Topology>,
     conns: std::sync::Mutex<std::collections::HashMap<String, quinn::Connection>>,
 }
 
@@ -225,7 +225,7 @@ async fn serve_forwards(engine: Arc<Engine>, conn: quinn::Connection, peer: Stri
                 };
                 let idem = (!idempotency_key.is_empty()).then_some(idempotency_key);
                 let (status, answer, _) =
-                    crate::api::execute_local(&engine, method, &key, &body, idem).await;
+                    crate::http::execute_local(&engine, method, &key, &body, idem).await;
                 let reply = Message::Forwarded {
                     status: status.as_u16(),
                     region: engine.region.clone(),

@@ -42,7 +42,7 @@ pub enum CommitLogError {
 
 /// One intact entry read back.
 #[derive(Debug, PartialEq)]
-pub struct LogEntry {
+pub struct LoggedBatch {
     pub seq: u64,
     pub payload: Vec<u8>,
 }
@@ -50,7 +50,7 @@ pub struct LogEntry {
 /// What reading a log found.
 #[derive(Debug, Default)]
 pub struct ReadBack {
-    pub entries: Vec<LogEntry>,
+    pub entries: Vec<LoggedBatch>,
     /// Length of the intact prefix.
     pub intact_bytes: u64,
     /// Bytes after the intact prefix (a torn or corrupt tail), with why it ended there.
@@ -229,7 +229,7 @@ fn parse(bytes: &[u8]) -> ReadBack {
             break Some(format!("entry {seq} follows entry {p}"));
         }
         previous = Some(seq);
-        back.entries.push(LogEntry {
+        back.entries.push(LoggedBatch {
             seq,
             payload: payload.to_vec(),
         });

@@ -26,12 +26,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::NodeClock;
-use crate::metrics::{Metrics, OpLabels, OpOnly};
-use crate::storage::{
+use crate::config::Topology;
+use crate::observe::metrics::{Metrics, OpLabels, OpOnly};
+use crate::store::{
     IdempotentAnswer, ItemOutcome, PendingChange, PendingReason, Store, StoreError, StoredRecord,
     WriteItem,
 };
-use crate::topology::Topology;
 use meridian_replication::core::Plan;
 use meridian_replication::record::first_write;
 use meridian_replication::wire::FrontierEntry;
@@ -307,7 +307,7 @@ pub struct Engine {
     stamps: Mutex<StampBook>,
     /// Carries requests for records pinned elsewhere to a node that may hold them; set once the
     /// replication links run.
-    pub forwarder: std::sync::OnceLock<Arc<crate::replica::Forwarder>>,
+    pub forwarder: std::sync::OnceLock<Arc<crate::peer::Forwarder>>,
     /// What the replication links report, for `/v1/status`.
     pub peers: Mutex<std::collections::BTreeMap<String, PeerStatus>>,
     /// Bumped after every commit, so that senders wake up for new log entries.
@@ -345,7 +345,7 @@ impl Engine {
         node_id: &str,
         store: Store,
         clock: NodeClock,
-        identity: &crate::storage::Identity,
+        identity: &crate::store::Identity,
         config: EngineConfig,
     ) -> Result<(Arc<Engine>, WriterHandle), String> {
         let incarnation = identity.incarnation;

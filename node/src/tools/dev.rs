@@ -19,9 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::logging::LogFormat;
-use crate::tls::{self, TlsError};
-use crate::topology::{Topology, TopologyError};
+use crate::config::{Topology, TopologyError};
+use crate::observe::logging::LogFormat;
+use crate::tools::certs::{self, CertsError};
 
 /// Region names, in the order `--regions N` takes them.
 pub const REGION_NAMES: [&str; 9] = [
@@ -81,7 +81,7 @@ pub enum DevError {
     #[error("cannot start the link emulator: {0}")]
     Proxy(#[from] crate::proxy::ProxyError),
     #[error("cannot create the cluster certificates: {0}")]
-    Certs(#[from] TlsError),
+    Certs(#[from] CertsError),
     #[error("cannot find this executable to start the nodes: {0}")]
     Exe(io::Error),
     #[error("cannot start node {node:?}: {source}")]
@@ -304,7 +304,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     }
 
     let cert_dir = topology.tls.cert_dir.clone();
-    let report = tls::generate_certs(&topology, &cert_dir)?;
+    let report = certs::generate_certs(&topology, &cert_dir)?;
     println!(
         "certificates in {} ({})",
         cert_dir.display(),
@@ -395,7 +395,7 @@ fn create_dir(path: &Path, action: &'static str) -> Result<PathBuf, DevError> {
 fn spawn_node(
     exe: &Path,
     topology_path: &Path,
-    node: &crate::topology::NodeConfig,
+    node: &crate::config::NodeConfig,
     logs: &Path,
     data: &Path,
     log_format: LogFormat,

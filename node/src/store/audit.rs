@@ -27,11 +27,11 @@ use redb::{
 };
 use serde::Serialize;
 
-use crate::storage::{
+use crate::config::Topology;
+use crate::store::{
     CHANGES, DB_FILE, FRONTIER, META, PENDING, RECORDS, Store, StoreError, StoredRecord, corrupt,
     dberr,
 };
-use crate::topology::Topology;
 
 /// Most violations an [`AuditReport`] lists; beyond it they are only counted.
 pub const MAX_LISTED: usize = 10_000;
@@ -901,7 +901,7 @@ pub fn audit_dir(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{PendingChange, PendingReason, WriteItem};
+    use crate::store::{PendingChange, PendingReason, WriteItem};
     use meridian_replication::Version;
     use meridian_replication::wire::FrontierEntry;
     use meridian_residency::{Foreign, RuleSpec};
@@ -1283,7 +1283,7 @@ api = "127.0.0.1:8101"
 
     #[test]
     fn log_entry_keys_are_read_with_bounds_checks() {
-        let entry = crate::storage::LogEntry {
+        let entry = crate::store::StoredChange {
             key: "users/é".into(),
             change: vec![1, 2, 3],
         };

@@ -1,0 +1,4 @@
+//! Observability: Prometheus metrics and logging.
+
+pub mod logging;
+pub mod metrics;

@@ -1,0 +1,4 @@
+//! Operator and developer commands that are never on the serving path.
+
+pub mod certs;
+pub mod dev;
