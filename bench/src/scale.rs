@@ -2045,7 +2045,7 @@ mod tests {
             "[[links]]\nfrom = \"bench-a-1\"\nto = \"bench-b-1\"\nvia = \"127.0.0.1:9001\"\n"
         ));
         // The node's own parser reads it the same way.
-        let parsed = meridian_node::topology::Topology::parse(&text, Path::new("/tmp"))
+        let parsed = meridian_node::config::Topology::parse(&text, Path::new("/tmp"))
             .expect("the generated topology parses");
         assert_eq!(parsed.dial_addr("bench-a-1", "bench-b-1"), Some(via_ab));
         assert_eq!(parsed.dial_addr("bench-b-1", "bench-a-1"), Some(via_ba));
@@ -2059,7 +2059,7 @@ mod tests {
         let ports: Vec<(u16, u16)> = (0..5).map(|i| (7000 + i, 8000 + i)).collect();
         let topo = region_nodes(&ports);
         let text = cluster_toml(&topo);
-        let parsed = meridian_node::topology::Topology::parse(&text, Path::new("/tmp"))
+        let parsed = meridian_node::config::Topology::parse(&text, Path::new("/tmp"))
             .expect("the generated topology parses");
         assert_eq!(parsed.nodes.len(), 5);
         assert_eq!(topo[4].id, "bench-e-1");

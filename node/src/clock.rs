@@ -1,6 +1,10 @@
 //! The node's hybrid logical clock: uhlc, with an id derived from the node id, the maximum
 //! drift of the topology, and a physical clock that never reads earlier than the newest stamp
 //! persisted by an earlier run (so versions keep growing after the wall clock steps back).
+//!
+//! Architecture invariant: this is the only module of the node that reads the wall clock
+//! (`SystemTime`); everything else gets time from here. Durations and timeouts use the
+//! monotonic clock (`Instant`, tokio's timers), which never orders anything.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,6 +34,16 @@ fn physical_clock() -> NTP64 {
             .0
             .max(CLOCK_FLOOR_NTP64.load(Ordering::Relaxed)),
     )
+}
+
+/// Milliseconds since the Unix epoch by the wall clock, for what is shown or kept in unix
+/// time (status pages, idempotency entries, lag figures); never for ordering, which is the
+/// HLC's. Unaffected by the test-only skew, as it always was.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Skew this process's physical clock (test-only; see the README's partition-testing section).

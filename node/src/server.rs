@@ -12,6 +12,8 @@ use tracing::Instrument;
 use crate::clock::{ClockError, NodeClock};
 use crate::config::Topology;
 use crate::engine::{Engine, EngineConfig};
+use crate::http::{AppState, ServeOptions};
+use crate::peer::{Forwarder, Links, PeerTable};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,26 +105,29 @@ pub async fn run(
             "node serving"
         );
     });
-    let mut app = crate::http::router(engine.clone());
-    if test_clock_control {
-        tracing::warn!("TEST ONLY: PUT /v1/test/clock-offset can skew this node's wall clock");
-        app = crate::http::test_clock_router().merge(app);
-    }
-    let app = app.layer(axum::middleware::from_fn({
-        let span = span.clone();
-        move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let span = span.clone();
-            async move { next.run(req).instrument(span).await }
-        }
-    }));
+    let peers = Arc::new(PeerTable::new(&engine.topology, node_id));
+    let forwarder = peer_tls
+        .is_some()
+        .then(|| Arc::new(Forwarder::new(engine.topology.clone())));
+    let state = AppState {
+        engine: engine.clone(),
+        peers: peers.clone(),
+        forwarder: forwarder.clone(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let replication = match (peer_tls, peer_addr) {
-        (Some(tls), Some(bind)) => {
-            let engine = engine.clone();
+    let replication = match (peer_tls, peer_addr, forwarder) {
+        (Some(tls), Some(bind), Some(forwarder)) => {
+            let links = Links {
+                engine: engine.clone(),
+                peers,
+                forwarder,
+                tls,
+                shutdown: stop_rx,
+            };
             let span = span.clone();
             Some(tokio::spawn(
                 async move {
-                    let result = crate::peer::run(engine, tls, bind, stop_rx).await;
+                    let result = crate::peer::run(links, bind).await;
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "replication stopped");
                     }
@@ -133,13 +138,13 @@ pub async fn run(
         }
         _ => None,
     };
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await
-        .map_err(ServeError::Http);
+    let options = ServeOptions { test_clock_control };
+    let result = crate::http::serve(listener, state, options, span.clone(), async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await
+    .map_err(ServeError::Http);
     if let Some(task) = replication {
         // A bind failure of the peer endpoint ends the task early; report it.
         match task.await {

@@ -105,8 +105,9 @@ impl Cluster {
             .collect();
         let topology = dir.path().join("topology.toml");
         std::fs::write(&topology, topology_text(&nodes, extra, "certs")).expect("write topology");
-        let parsed = meridian_node::topology::Topology::load(&topology).expect("valid topology");
-        meridian_node::tls::generate_certs(&parsed, &dir.path().join("certs")).expect("certs");
+        let parsed = meridian_node::config::Topology::load(&topology).expect("valid topology");
+        meridian_node::tools::certs::generate_certs(&parsed, &dir.path().join("certs"))
+            .expect("certs");
         let procs = nodes.iter().map(|_| None).collect();
         Cluster {
             dir,

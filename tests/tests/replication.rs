@@ -150,8 +150,8 @@ async fn a_node_with_a_certificate_from_another_ca_gets_nothing() {
         topology_text(&cluster.nodes, "", "foreign-certs"),
     )
     .expect("write");
-    let parsed = meridian_node::topology::Topology::load(&foreign_topology).expect("topology");
-    meridian_node::tls::generate_certs(&parsed, &cluster.dir.path().join("foreign-certs"))
+    let parsed = meridian_node::config::Topology::load(&foreign_topology).expect("topology");
+    meridian_node::tools::certs::generate_certs(&parsed, &cluster.dir.path().join("foreign-certs"))
         .expect("certs");
     cluster.start(0);
     cluster.start(1);
@@ -346,13 +346,13 @@ async fn a_valid_certificate_of_another_node_is_refused() {
 
     // The impostor holds us-east-1's genuine certificate and key, and sits at ap-south-1's
     // peer address.
-    meridian_node::tls::install_crypto_provider();
+    meridian_node::peer::tls::install_crypto_provider();
     let topology =
-        Arc::new(meridian_node::topology::Topology::load(&cluster.topology).expect("topology"));
-    let stolen = meridian_node::tls::PeerTls::load(topology.clone(), "us-east-1")
+        Arc::new(meridian_node::config::Topology::load(&cluster.topology).expect("topology"));
+    let stolen = meridian_node::peer::tls::PeerTls::load(topology.clone(), "us-east-1")
         .expect("us-east-1 identity");
     let endpoint =
-        meridian_node::tls::endpoint(cluster.nodes[2].peer, &stolen).expect("impostor endpoint");
+        meridian_node::peer::tls::endpoint(cluster.nodes[2].peer, &stolen).expect("impostor endpoint");
 
     // 1. eu-west-1 dials "ap-south-1" and is answered with us-east-1's certificate: refused.
     let a = cluster.url(0, "/v1/status");
@@ -383,7 +383,7 @@ async fn a_valid_certificate_of_another_node_is_refused() {
 
     // 2. The impostor dials eu-west-1 presenting us-east-1's certificate but claims to be
     // ap-south-1 in its Hello: the link is closed, with the reason, and carries no data.
-    let conn = meridian_node::tls::dial(&endpoint, &stolen, "eu-west-1", cluster.nodes[0].peer)
+    let conn = meridian_node::peer::tls::dial(&endpoint, &stolen, "eu-west-1", cluster.nodes[0].peer)
         .await
         .expect("TLS succeeds: the certificate itself is genuine");
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");

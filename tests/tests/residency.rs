@@ -35,11 +35,11 @@ async fn a_pinned_change_from_a_misbehaving_sender_is_refused_counted_and_flagge
     cluster.wait_ready(0, &client).await;
 
     // The test plays ap-south-1 with its genuine certificate, at its peer address.
-    meridian_node::tls::install_crypto_provider();
+    meridian_node::peer::tls::install_crypto_provider();
     let topology =
-        Arc::new(meridian_node::topology::Topology::load(&cluster.topology).expect("topology"));
-    let ap = meridian_node::tls::PeerTls::load(topology, "ap-south-1").expect("identity");
-    let endpoint = meridian_node::tls::endpoint(cluster.nodes[2].peer, &ap).expect("endpoint");
+        Arc::new(meridian_node::config::Topology::load(&cluster.topology).expect("topology"));
+    let ap = meridian_node::peer::tls::PeerTls::load(topology, "ap-south-1").expect("identity");
+    let endpoint = meridian_node::peer::tls::endpoint(cluster.nodes[2].peer, &ap).expect("endpoint");
     // eu-west-1 dials us and subscribes.
     let incoming = tokio::time::timeout(DEADLINE, endpoint.accept())
         .await

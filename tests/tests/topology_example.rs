@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use meridian_node::topology::Topology;
+use meridian_node::config::Topology;
 use meridian_residency::{Foreign, Placement};
 
 fn example_path() -> PathBuf {

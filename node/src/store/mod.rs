@@ -21,6 +21,7 @@
 //! log passes [`CHECKPOINT_LOG_BYTES`]) makes redb hold everything and empties the log. At open,
 //! the log's entries newer than redb's durable sequence number are committed again.
 
+use crate::sync::lock;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -121,6 +122,23 @@ fn corrupt(what: impl Into<String>, why: impl Into<String>) -> StoreError {
         what: what.into(),
         why: why.into(),
     }
+}
+
+/// Kept-aside changes by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingCounts {
+    pub waiting_for_dependencies: u64,
+    pub held_for_drift: u64,
+    /// Also the ones whose stored reason cannot be read.
+    pub quarantined: u64,
+}
+
+/// What [`Store::pending_summary`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingSummary {
+    /// Keys with changes held for drift that are due.
+    pub due: Vec<String>,
+    pub counts: PendingCounts,
 }
 
 /// Identity of the node that owns a data directory, established at open.
@@ -370,10 +388,7 @@ impl Store {
         items: &[WriteItem],
         frontier: &[FrontierEntry],
     ) -> Result<Vec<ItemOutcome>, StoreError> {
-        let mut state = match self.log.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut state = lock(&self.log);
         let seq = state.next_seq;
         let mut txn = self.db.begin_write().map_err(dberr)?;
         txn.set_durability(Durability::None).map_err(dberr)?;
@@ -407,10 +422,7 @@ impl Store {
 
     /// Make redb hold every committed batch durably and empty the commit log.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let mut state = match self.log.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut state = lock(&self.log);
         self.checkpoint_locked(&mut state)
     }
 
@@ -482,11 +494,11 @@ impl Store {
         &self,
         horizon_ntp64: u64,
         limit: usize,
-    ) -> Result<(Vec<String>, [u64; 3]), StoreError> {
+    ) -> Result<PendingSummary, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(PENDING).map_err(dberr)?;
         let mut due = Vec::new();
-        let mut counts = [0u64; 3];
+        let mut counts = PendingCounts::default();
         for item in table.iter().map_err(dberr)? {
             let (k, v) = item.map_err(dberr)?;
             let (key, _, hlc) = k.value();
@@ -496,9 +508,9 @@ impl Store {
                 .copied()
                 .and_then(PendingReason::from_byte);
             match reason {
-                Some(PendingReason::WaitingForDependencies) => counts[0] += 1,
+                Some(PendingReason::WaitingForDependencies) => counts.waiting_for_dependencies += 1,
                 Some(PendingReason::HeldForDrift) => {
-                    counts[1] += 1;
+                    counts.held_for_drift += 1;
                     if hlc <= horizon_ntp64
                         && due.len() < limit
                         && due.last().is_none_or(|k: &String| k != key)
@@ -506,10 +518,10 @@ impl Store {
                         due.push(key.to_string());
                     }
                 }
-                Some(PendingReason::Quarantined) | None => counts[2] += 1,
+                Some(PendingReason::Quarantined) | None => counts.quarantined += 1,
             }
         }
-        Ok((due, counts))
+        Ok(PendingSummary { due, counts })
     }
 
     /// How many entries of `origin`'s log lie after `after`, counting at most `cap`.

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use meridian_node::config::Topology;
 use meridian_node::proxy::{
     DirectionSel, Emulator, EmulatorHandle, EmulatorOptions, SettingsUpdate,
 };
-use meridian_node::topology::Topology;
 use meridian_tests::{Cluster, free_udp_port, meridian_bin, poll_until};
 use serde_json::{Value, json};
 

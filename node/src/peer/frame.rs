@@ -1,0 +1,104 @@
+//! Messages over QUIC streams: length-prefixed frames, checked before they are read, and the
+//! way a link says goodbye.
+
+use std::time::Duration;
+
+use meridian_replication::core::Frontier;
+use meridian_replication::wire::{MAX_FRAME_BYTES, Message, PROTOCOL_VERSION};
+
+use super::LinkError;
+use crate::engine::Engine;
+
+pub(super) async fn write_msg(
+    send: &mut quinn::SendStream,
+    msg: &Message,
+) -> Result<(), LinkError> {
+    let bytes = msg.encode();
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&bytes);
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+pub(super) async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Message, LinkError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(LinkError::StreamEnded),
+        Err(e) => return Err(e.into()),
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if n > MAX_FRAME_BYTES {
+        return Err(LinkError::FrameTooLarge(n));
+    }
+    let mut buf = vec![0u8; n];
+    recv.read_exact(&mut buf).await?;
+    Ok(Message::decode(&buf)?)
+}
+
+/// Reasons a node gives when it closes a link for ordinary causes.
+const BENIGN_CLOSE_REASONS: [&str; 2] = ["node shutting down", "connection age limit"];
+
+/// The reason, when a link ended because the peer closed it on purpose (shutdown, connection
+/// age, refusal) rather than because something failed.
+pub(super) fn peer_said_goodbye(e: &LinkError) -> Option<String> {
+    let conn_err = match e {
+        // A refusal (identity, cluster, version) also arrives as a Close: it is a failure.
+        LinkError::PeerClosed(reason) => {
+            return BENIGN_CLOSE_REASONS
+                .contains(&reason.as_str())
+                .then(|| reason.clone());
+        }
+        LinkError::Connection(c) => c,
+        LinkError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => c,
+        LinkError::Write(quinn::WriteError::ConnectionLost(c)) => c,
+        _ => return None,
+    };
+    match conn_err {
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == 0u32.into() => {
+            Some(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// Say why we close, let the peer read it (briefly), then close the connection with the same
+/// reason, so both sides can log it.
+pub(super) async fn close_link(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: u32,
+    reason: &str,
+) {
+    let _ = write_msg(
+        send,
+        &Message::Close {
+            reason: reason.to_string(),
+        },
+    )
+    .await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(code.into(), reason.as_bytes());
+}
+
+/// Aborts a task when dropped, so a link's reader never outlives the link.
+pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Our `Hello`, stating `frontier`.
+pub(super) fn hello(engine: &Engine, frontier: &Frontier) -> Message {
+    Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        cluster: engine.topology.cluster.clone(),
+        node: engine.node_id.clone(),
+        region: engine.region.clone(),
+        frontier: frontier.entries(),
+    }
+}

@@ -1,0 +1,466 @@
+//! The subscriber side of a link: dial a peer, state our frontier, receive the changes we
+//! lack, merge them and acknowledge each batch once it is durable; reconnect with backoff.
+//!
+//! Architecture invariant: batches of one link commit in order, and each is acknowledged only
+//! after its commit: the peer never believes we hold what a crash could lose.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_replication::core::{Inbound, check_hello, plan_batch, shared_classes};
+use meridian_replication::wire::Message;
+use tokio::sync::watch;
+
+use super::frame::{AbortOnDrop, close_link, hello, peer_said_goodbye, read_msg, write_msg};
+use super::tls::{self, MAX_CONNECTION_AGE};
+use super::{Ctx, LinkError};
+use crate::clock::unix_ms;
+use crate::config::NodeConfig;
+use crate::engine::ApplyStats;
+use crate::observe::metrics::{PeerLink, PeerRegion};
+
+fn jitter(base: Duration) -> Duration {
+    // Spread reconnects of many links; cryptographic quality is not needed.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as u64;
+    let spread = (base.as_millis() as u64 / 2).max(1);
+    Duration::from_millis(nanos % spread)
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// A peer that is down is dialled about this often (plus jitter). Low, because the time from a
+/// healed partition to the redial is part of every catch-up (a cut longer than QUIC's idle
+/// timeout ends the links), and a dial to a handful of peers every two seconds costs nothing.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Received batches waiting to be applied on one link; beyond it, the reader stops reading and
+/// QUIC's stream flow control holds the sender back.
+const INBOUND_QUEUE_BATCHES: usize = 8;
+/// Received batches applied together in one transaction at most.
+const MAX_COALESCED_BATCHES: usize = 8;
+
+/// Keep a subscription to `peer` alive: dial, receive, reconnect with backoff.
+pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
+    let engine = &ctx.engine;
+    let mut shutdown = ctx.shutdown.clone();
+    let mut reachable = ctx.reachable.get(&peer.id).map(watch::Sender::subscribe);
+    let mut backoff = BACKOFF_MIN;
+    let mut last_error: Option<String> = None;
+    let link = PeerLink {
+        peer: peer.id.clone(),
+        peer_region: peer.region.clone(),
+        direction: "inbound",
+    };
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let addr = engine
+            .topology
+            .dial_addr(&engine.node_id, &peer.id)
+            .unwrap_or(peer.peer);
+        let started = Instant::now();
+        // Only a contact after this dial began counts as news.
+        if let Some(r) = reachable.as_mut() {
+            r.mark_unchanged();
+        }
+        let result = subscribe_once(&ctx, &peer, addr, reachable.as_mut()).await;
+        ctx.forwarder.register(&peer.id, None);
+        engine.metrics.peer_up.get_or_create(&link).set(0);
+        ctx.peers.update(&peer.id, |s| {
+            s.inbound_connected = false;
+            s.inbound_since_unix_ms = None;
+        });
+        match result {
+            Ok(()) => {
+                backoff = BACKOFF_MIN;
+                last_error = None;
+            }
+            Err(LinkError::PeerReachedUs) => {
+                tracing::info!(peer = %peer.id, "peer reached this node while a dial to it was pending; dialling again now");
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            Err(e) if peer_said_goodbye(&e).is_some() => {
+                let reason = peer_said_goodbye(&e).unwrap_or_default();
+                // A peer that says goodbye (shutdown, connection age) is not a failure.
+                tracing::info!(peer = %peer.id, %reason, "peer closed the link; reconnecting");
+                backoff = BACKOFF_MIN;
+                last_error = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                // Log a failure once, not at every retry of the same failure.
+                if last_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(peer = %peer.id, peer_region = %peer.region, %addr, error = %text, "replication link from peer failed; retrying with backoff");
+                }
+                engine
+                    .metrics
+                    .link_errors_total
+                    .get_or_create(&PeerRegion {
+                        peer_region: peer.region.clone(),
+                    })
+                    .inc();
+                ctx.peers
+                    .update(&peer.id, |s| s.last_error = Some(text.clone()));
+                last_error = Some(text);
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = BACKOFF_MIN;
+                }
+            }
+        }
+        let wait = backoff + jitter(backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = peer_reached_us(reachable.as_mut()) => backoff = BACKOFF_MIN,
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Returns when the peer behind `reachable` reaches this node; never without one.
+async fn peer_reached_us(reachable: Option<&mut watch::Receiver<()>>) {
+    match reachable {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn subscribe_once(
+    ctx: &Ctx,
+    peer: &NodeConfig,
+    addr: SocketAddr,
+    reachable: Option<&mut watch::Receiver<()>>,
+) -> Result<(), LinkError> {
+    let engine = &ctx.engine;
+    let policy = &engine.topology.residency;
+    let mut stop = ctx.shutdown.clone();
+    // A dial to an unreachable peer can take until the handshake times out: shutdown must not
+    // wait for it.
+    let conn = tokio::select! {
+        c = tls::dial(&ctx.endpoint, &ctx.tls, &peer.id, addr) => c?,
+        () = peer_reached_us(reachable) => return Err(LinkError::PeerReachedUs),
+        _ = stop.changed() => return Ok(()),
+    };
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let shared = shared_classes(policy, &engine.region, &peer.region);
+    let frontier = engine.store().frontier()?.restricted_to(&shared);
+    write_msg(&mut send, &hello(engine, &frontier)).await?;
+    let their_hello = read_msg(&mut recv).await?;
+    if let Err(e) = check_hello(&their_hello, &engine.topology.cluster, &peer.id) {
+        let reason = e.to_string();
+        tracing::error!(peer = %peer.id, error = %reason, "refusing replication link");
+        close_link(&conn, &mut send, 1, &reason).await;
+        return Err(e.into());
+    }
+    let link = PeerLink {
+        peer: peer.id.clone(),
+        peer_region: peer.region.clone(),
+        direction: "inbound",
+    };
+    let region_label = PeerRegion {
+        peer_region: peer.region.clone(),
+    };
+    engine.metrics.peer_up.get_or_create(&link).set(1);
+    ctx.forwarder.register(&peer.id, Some(conn.clone()));
+    ctx.peers.update(&peer.id, |s| {
+        s.inbound_connected = true;
+        s.inbound_since_unix_ms = Some(unix_ms());
+        s.last_error = None;
+    });
+    tracing::info!(peer = %peer.id, peer_region = %peer.region, "receiving changes from peer");
+    let mut inbound = Inbound::default();
+    let age_limit = tokio::time::sleep(MAX_CONNECTION_AGE);
+    tokio::pin!(age_limit);
+    let mut shutdown = ctx.shutdown.clone();
+    // A reader task keeps receiving while a batch is being applied, so the batches that arrive
+    // meanwhile are applied together, in one transaction and one fsync: group commit for
+    // replication. The channel bounds what can queue here; QUIC flow control does the rest.
+    let (frames_tx, mut frames) =
+        tokio::sync::mpsc::channel::<Result<Message, LinkError>>(INBOUND_QUEUE_BATCHES);
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = read_msg(&mut recv).await;
+            let end = msg.is_err();
+            if frames_tx.send(msg).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+    let max_drift_ntp64 = ((u128::from(engine.topology.clock.max_drift_ms) << 32) / 1000) as u64;
+    // At most one batch commits while the next is received and merged; its acknowledgements
+    // are sent once it is durable.
+    let mut in_flight: Option<CommitInFlight> = None;
+    loop {
+        let event = tokio::select! {
+            m = frames.recv() => LinkEvent::Frame(m),
+            r = commit_done(&mut in_flight) => LinkEvent::Committed(r),
+            () = &mut age_limit => LinkEvent::AgeLimit,
+            _ = shutdown.changed() => LinkEvent::Shutdown,
+        };
+        let first = match event {
+            LinkEvent::Frame(Some(m)) => m?,
+            LinkEvent::Frame(None) => return Err(LinkError::StreamEnded),
+            LinkEvent::Committed(result) => {
+                if let Some(done) = in_flight.take() {
+                    finish_commit(ctx, peer, &region_label, &mut send, done, result).await?;
+                }
+                continue;
+            }
+            LinkEvent::AgeLimit => {
+                // Reconnecting re-checks certificates, so rotated or revoked ones take effect.
+                // A commit still running finishes on its own; the next link's hello states it.
+                conn.close(0u32.into(), b"connection age limit");
+                return Ok(());
+            }
+            LinkEvent::Shutdown => {
+                close_link(&conn, &mut send, 0, "node shutting down").await;
+                return Ok(());
+            }
+        };
+        let mut batches = Vec::new();
+        let mut after: Option<Result<Message, LinkError>> = None;
+        match first {
+            b @ Message::Batch { .. } => batches.push(b),
+            other => after = Some(Ok(other)),
+        }
+        while !batches.is_empty() && batches.len() < MAX_COALESCED_BATCHES {
+            match frames.try_recv() {
+                Ok(Ok(b @ Message::Batch { .. })) => batches.push(b),
+                Ok(other) => {
+                    after = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if !batches.is_empty() {
+            let mut seqs = Vec::with_capacity(batches.len());
+            let mut changes = Vec::new();
+            let mut progress = Vec::new();
+            for batch in batches {
+                if let Message::Batch {
+                    seq,
+                    changes: c,
+                    progress: p,
+                } = batch
+                {
+                    inbound.accept(seq)?;
+                    seqs.push(seq);
+                    changes.extend(c);
+                    progress.extend(p);
+                }
+            }
+            {
+                let current = engine.store().frontier()?;
+                // One plan for all: plan_batch tracks the frontier across the changes in order,
+                // and applies the progress vouches after them.
+                let plan = plan_batch(
+                    changes,
+                    &progress,
+                    &|o, c| current.get(o, c),
+                    policy,
+                    &engine.region,
+                    engine.clock.now().time_ntp64,
+                    max_drift_ntp64,
+                );
+                if !plan.refused.is_empty() {
+                    let keys: Vec<&str> = plan
+                        .refused
+                        .iter()
+                        .take(5)
+                        .map(|c| c.key.as_str())
+                        .collect();
+                    tracing::error!(peer = %peer.id, peer_region = %peer.region, refused = plan.refused.len(), example_keys = ?keys, "peer sent changes of records this region may not hold; refused");
+                    engine
+                        .metrics
+                        .residency_refused_total
+                        .get_or_create(&region_label)
+                        .inc_by(plan.refused.len() as u64);
+                    let n = plan.refused.len() as u64;
+                    ctx.peers.update(&peer.id, |s| s.residency_violations += n);
+                }
+                let accepted_hlcs: Vec<u64> = plan
+                    .by_key
+                    .values()
+                    .flatten()
+                    .filter(|a| !a.held_for_drift)
+                    .map(|a| a.hlc)
+                    .collect();
+                let prepared = engine.prepare_remote(plan).await?;
+                // Commits stay in order: the previous batch is durable and acknowledged before
+                // this one is handed to the writer.
+                if in_flight.is_some() {
+                    let result = commit_done(&mut in_flight).await;
+                    if let Some(done) = in_flight.take() {
+                        finish_commit(ctx, peer, &region_label, &mut send, done, result).await?;
+                    }
+                }
+                let committing = Arc::clone(engine);
+                in_flight = Some(CommitInFlight {
+                    seqs,
+                    accepted_hlcs,
+                    task: tokio::spawn(async move { committing.commit_prepared(prepared).await }),
+                });
+            }
+        }
+        match after {
+            None => {}
+            Some(Err(e)) => return Err(e),
+            Some(Ok(Message::Close { reason })) => return Err(LinkError::PeerClosed(reason)),
+            Some(Ok(Message::Batch { .. })) => {}
+            Some(Ok(Message::Hello { .. })) => {
+                return Err(
+                    meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into(),
+                );
+            }
+            Some(Ok(Message::Ack { .. } | Message::Forward { .. } | Message::Forwarded { .. })) => {
+                return Err(
+                    meridian_replication::core::ProtocolError::UnexpectedMessage(
+                        "ack or forward on the subscription stream",
+                    )
+                    .into(),
+                );
+            }
+        }
+    }
+}
+
+/// What a link's event loop waits for.
+enum LinkEvent {
+    Frame(Option<Result<Message, LinkError>>),
+    Committed(Result<ApplyStats, LinkError>),
+    AgeLimit,
+    Shutdown,
+}
+
+/// A received batch being committed in its own task, with what its acknowledgement and
+/// metrics need once it is durable.
+struct CommitInFlight {
+    seqs: Vec<u64>,
+    accepted_hlcs: Vec<u64>,
+    task: tokio::task::JoinHandle<Result<ApplyStats, crate::engine::WriteError>>,
+}
+
+/// The outcome of the commit in flight; never ready when there is none.
+async fn commit_done(in_flight: &mut Option<CommitInFlight>) -> Result<ApplyStats, LinkError> {
+    match in_flight {
+        Some(f) => match (&mut f.task).await {
+            Ok(result) => result.map_err(LinkError::from),
+            Err(e) => Err(LinkError::Apply(crate::engine::WriteError::Storage(
+                format!("commit task failed: {e}"),
+            ))),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Acknowledge a committed batch and account for it in metrics and status.
+async fn finish_commit(
+    ctx: &Ctx,
+    peer: &NodeConfig,
+    region_label: &PeerRegion,
+    send: &mut quinn::SendStream,
+    done: CommitInFlight,
+    result: Result<ApplyStats, LinkError>,
+) -> Result<(), LinkError> {
+    let engine = &ctx.engine;
+    let stats = result?;
+    for seq in done.seqs {
+        write_msg(send, &Message::Ack { seq }).await?;
+    }
+    let accepted_hlcs = done.accepted_hlcs;
+    let newest_accepted = accepted_hlcs.iter().copied().max();
+    if stats.held_for_drift > 0 {
+        engine
+            .metrics
+            .drift_refusals_total
+            .get_or_create(region_label)
+            .inc_by(stats.held_for_drift as u64);
+        tracing::warn!(peer = %peer.id, held = stats.held_for_drift, "received changes stamped beyond the maximum clock drift; held until this clock catches up");
+    }
+    engine
+        .metrics
+        .changes_applied_total
+        .get_or_create(region_label)
+        .inc_by(stats.applied as u64);
+    if stats.quarantined > 0 {
+        engine
+            .metrics
+            .changes_quarantined_total
+            .inc_by(stats.quarantined as u64);
+    }
+    let now_ms = unix_ms();
+    let lag_ms = newest_accepted.map(|hlc| {
+        let origin_ms = meridian_replication::Version {
+            time_ntp64: hlc,
+            node_hlc_id: 0,
+        }
+        .unix_ms();
+        now_ms.saturating_sub(origin_ms)
+    });
+    let lag_hist = engine.metrics.apply_lag_seconds.get_or_create(region_label);
+    let now_ntp64 = engine.clock.now().time_ntp64;
+    for hlc in &accepted_hlcs {
+        // NTP64: upper 32 bits seconds, lower 32 bits fraction.
+        lag_hist.observe(now_ntp64.saturating_sub(*hlc) as f64 / 4_294_967_296.0);
+    }
+    drop(lag_hist);
+    if let Some(lag) = lag_ms {
+        engine
+            .metrics
+            .replication_lag_seconds
+            .get_or_create(region_label)
+            .set(lag as f64 / 1000.0);
+    }
+    ctx.peers.update(&peer.id, |s| {
+        s.changes_applied += stats.applied as u64;
+        s.drift_refusals += stats.held_for_drift as u64;
+        if lag_ms.is_some() {
+            s.lag_ms = lag_ms;
+            s.last_applied_unix_ms = Some(now_ms);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pending_dial_is_cut_short_only_by_contact_after_it_began() {
+        let reached = watch::Sender::new(());
+        let mut seen = reached.subscribe();
+        let short = Duration::from_millis(50);
+        // Contact before this dial began is old news.
+        reached.send_replace(());
+        seen.mark_unchanged();
+        assert!(
+            tokio::time::timeout(short, peer_reached_us(Some(&mut seen)))
+                .await
+                .is_err()
+        );
+        // Contact while it is pending ends the wait.
+        reached.send_replace(());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(30), peer_reached_us(Some(&mut seen)))
+                .await
+                .is_ok()
+        );
+        // Without a signal for the peer, nothing ends it.
+        assert!(
+            tokio::time::timeout(short, peer_reached_us(None))
+                .await
+                .is_err()
+        );
+    }
+}
