@@ -351,8 +351,8 @@ async fn a_valid_certificate_of_another_node_is_refused() {
         Arc::new(meridian_node::config::Topology::load(&cluster.topology).expect("topology"));
     let stolen = meridian_node::peer::tls::PeerTls::load(topology.clone(), "us-east-1")
         .expect("us-east-1 identity");
-    let endpoint =
-        meridian_node::peer::tls::endpoint(cluster.nodes[2].peer, &stolen).expect("impostor endpoint");
+    let endpoint = meridian_node::peer::tls::endpoint(cluster.nodes[2].peer, &stolen)
+        .expect("impostor endpoint");
 
     // 1. eu-west-1 dials "ap-south-1" and is answered with us-east-1's certificate: refused.
     let a = cluster.url(0, "/v1/status");
@@ -383,9 +383,10 @@ async fn a_valid_certificate_of_another_node_is_refused() {
 
     // 2. The impostor dials eu-west-1 presenting us-east-1's certificate but claims to be
     // ap-south-1 in its Hello: the link is closed, with the reason, and carries no data.
-    let conn = meridian_node::peer::tls::dial(&endpoint, &stolen, "eu-west-1", cluster.nodes[0].peer)
-        .await
-        .expect("TLS succeeds: the certificate itself is genuine");
+    let conn =
+        meridian_node::peer::tls::dial(&endpoint, &stolen, "eu-west-1", cluster.nodes[0].peer)
+            .await
+            .expect("TLS succeeds: the certificate itself is genuine");
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
     frame_write(
         &mut send,

@@ -39,7 +39,8 @@ async fn a_pinned_change_from_a_misbehaving_sender_is_refused_counted_and_flagge
     let topology =
         Arc::new(meridian_node::config::Topology::load(&cluster.topology).expect("topology"));
     let ap = meridian_node::peer::tls::PeerTls::load(topology, "ap-south-1").expect("identity");
-    let endpoint = meridian_node::peer::tls::endpoint(cluster.nodes[2].peer, &ap).expect("endpoint");
+    let endpoint =
+        meridian_node::peer::tls::endpoint(cluster.nodes[2].peer, &ap).expect("endpoint");
     // eu-west-1 dials us and subscribes.
     let incoming = tokio::time::timeout(DEADLINE, endpoint.accept())
         .await

@@ -1,7 +1,11 @@
+use super::{Engine, EngineConfig, WriterHandle};
+use crate::clock::NodeClock;
 use crate::config::Topology;
+use crate::store::Store;
 use meridian_replication::core::{Accepted, Plan};
 use meridian_replication::{RecordDoc, Version};
 use serde_json::{Value as Json, json};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,18 +43,28 @@ fn plan_of(key: &str, hlc: u64, change: &[u8]) -> Plan {
     plan
 }
 
+/// An engine over a fresh data directory, as the server starts one.
+fn start(topology: Arc<Topology>, node_id: &str, data_dir: &Path) -> (Arc<Engine>, WriterHandle) {
+    let (store, identity) = Store::open(data_dir, node_id).expect("store");
+    let clock =
+        NodeClock::new(node_id, topology.clock.max_drift_ms, identity.last_hlc).expect("clock");
+    Engine::start(
+        topology,
+        node_id,
+        store,
+        clock,
+        &identity,
+        EngineConfig::default(),
+    )
+    .expect("engine")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepared_batch_holds_its_records_until_committed_and_the_next_merges_on_top() {
     let dir = tempfile::tempdir().expect("tempdir");
     let topology =
         Arc::new(Topology::parse(TOPOLOGY, &dir.path().join("topology.toml")).expect("topology"));
-    let (engine, writer) = crate::server::open(
-        topology,
-        "eu-1",
-        &dir.path().join("data"),
-        crate::server::NodeOptions::default(),
-    )
-    .expect("engine");
+    let (engine, writer) = start(topology, "eu-1", &dir.path().join("data"));
     // Two changes of one record made in us-east, the second on top of the first.
     let now = engine.clock.now().time_ntp64;
     let stamp = |t: u64| Version {

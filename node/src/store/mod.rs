@@ -14,7 +14,7 @@
 //! Architecture invariant: a record and the log entry of the change that produced it are written
 //! in one transaction, so they never disagree after a crash.
 //!
-//! Durability: a batch is made durable by the [commit log](crate::commit_log) (one append and
+//! Durability: a batch is made durable by the [commit log](commit_log) (one append and
 //! one sync) before its redb transaction commits without syncing; readers therefore never see a
 //! write that is not durable. Every batch transaction records its log sequence number in
 //! `meta`; a checkpoint (a durable redb commit, at most [`CHECKPOINT_EVERY`] apart or when the

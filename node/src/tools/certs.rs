@@ -16,7 +16,6 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::Topology;
-use crate::peer::tls::{TlsError, read_text};
 
 /// Validity of a node certificate.
 const NODE_CERT_DAYS: i64 = 365;
@@ -29,9 +28,18 @@ const BACKDATE: time::Duration = time::Duration::hours(1);
 /// Why certificates could not be generated.
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
-    /// The existing CA could not be read.
-    #[error(transparent)]
-    Read(#[from] TlsError),
+    #[error("{}: cannot read {what}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{}: {what} is not valid PEM: {message}", path.display())]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     #[error("{}: cannot write {what}: {source}", path.display())]
     Write {
         what: &'static str,
@@ -175,20 +183,20 @@ pub(crate) fn load_issuer(
 ) -> Result<Issuer<'static, KeyPair>, CertsError> {
     let cert_pem = read_text(cert_path, "CA certificate")?;
     let key_pem = read_text(key_path, "CA key")?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Pem {
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| CertsError::Pem {
         what: "CA key",
         path: key_path.to_owned(),
         message: e.to_string(),
     })?;
     let cert_der =
-        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| TlsError::Pem {
+        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CertsError::Pem {
             what: "CA certificate",
             path: cert_path.to_owned(),
             message: e.to_string(),
         })?;
     // Certificates signed by a key that is not the CA's would chain to nothing: refuse early.
     let (_, parsed) =
-        x509_parser::parse_x509_certificate(&cert_der).map_err(|e| TlsError::Pem {
+        x509_parser::parse_x509_certificate(&cert_der).map_err(|e| CertsError::Pem {
             what: "CA certificate",
             path: cert_path.to_owned(),
             message: e.to_string(),
@@ -201,6 +209,16 @@ pub(crate) fn load_issuer(
     }
     Issuer::from_ca_cert_der(&cert_der, key).map_err(|source| CertsError::Generate {
         what: format!("an issuer from {}", cert_path.display()),
+        source,
+    })
+}
+
+/// The existing CA is reused only when both of its files exist, so a read error here is a
+/// real failure, never a missing file.
+fn read_text(path: &Path, what: &'static str) -> Result<String, CertsError> {
+    fs::read_to_string(path).map_err(|source| CertsError::Read {
+        what,
+        path: path.to_owned(),
         source,
     })
 }

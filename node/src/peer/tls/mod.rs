@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -147,10 +146,6 @@ pub enum TlsError {
     NoPeerCertificate,
     #[error("the peer's certificate names no node of the topology: {0}")]
     PeerIdentity(Box<IdentityError>),
-}
-
-pub(crate) fn read_text(path: &Path, what: &'static str) -> Result<String, TlsError> {
-    fs::read_to_string(path).map_err(|source| io_read_error(path, what, source))
 }
 
 fn io_read_error(path: &Path, what: &'static str, source: io::Error) -> TlsError {

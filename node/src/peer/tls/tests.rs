@@ -1,6 +1,7 @@
 use super::*;
 use crate::tools::certs::{generate_certs, load_issuer, node_params};
 use rcgen::{KeyPair, SanType};
+use std::fs;
 use tokio::time::timeout;
 
 const DEADLINE: Duration = Duration::from_secs(20);
