@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use meridian_node::proxy::{
+use meridian_emulator::{
     CounterSnapshot, DirectionSel, Emulator, EmulatorOptions, LinkSpec, SettingsUpdate,
 };
 use meridian_node::topology::Topology;

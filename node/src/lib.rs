@@ -10,7 +10,7 @@ pub mod dev;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
-pub mod proxy;
+pub mod proxy_cmd;
 pub mod replica;
 pub mod server;
 pub mod storage;
