@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use meridian_node::config::Topology;
-use meridian_node::proxy::{
+use meridian_emulator::{
     CounterSnapshot, DirectionSel, Emulator, EmulatorOptions, LinkSpec, SettingsUpdate,
 };
+use meridian_node::config::Topology;
 use serde::Serialize;
 
 use crate::error::{Context, Error, Result};

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use meridian_node::proxy::{DirectionSel, Emulator, EmulatorOptions, LinkSpec, SettingsUpdate};
+use meridian_emulator::{DirectionSel, Emulator, EmulatorOptions, LinkSpec, SettingsUpdate};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use meridian_node::proxy::{CounterSnapshot, Emulator, EmulatorOptions, LinkInfo, LinkSpec};
+use meridian_emulator::{CounterSnapshot, Emulator, EmulatorOptions, LinkInfo, LinkSpec};
 use serde::Serialize;
 
 use crate::CommonArgs;
@@ -2049,7 +2049,7 @@ mod tests {
             .expect("the generated topology parses");
         assert_eq!(parsed.dial_addr("bench-a-1", "bench-b-1"), Some(via_ab));
         assert_eq!(parsed.dial_addr("bench-b-1", "bench-a-1"), Some(via_ba));
-        let specs = LinkSpec::from_topology(&parsed).expect("links");
+        let specs = meridian_node::tools::proxy_cmd::link_specs(&parsed).expect("links");
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[0].upstream, "127.0.0.1:7002".parse().unwrap());
     }

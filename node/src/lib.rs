@@ -9,7 +9,6 @@ pub mod http;
 pub mod observe;
 pub mod ops;
 pub mod peer;
-pub mod proxy;
 pub mod server;
 pub mod store;
 mod sync;

@@ -151,7 +151,7 @@ enum ProxyCommand {
         up: bool,
         /// Which direction: both, forward (FROM to TO) or reverse.
         #[arg(long, default_value = "both")]
-        direction: meridian_node::proxy::DirectionSel,
+        direction: meridian_emulator::DirectionSel,
         /// Print the resulting state as JSON.
         #[arg(long)]
         json: bool,
@@ -616,7 +616,8 @@ fn proxy(
     control: std::net::SocketAddr,
     command: Option<ProxyCommand>,
 ) -> ExitCode {
-    use meridian_node::proxy::{self, ProxyError, SetTarget, SettingsUpdate};
+    use meridian_emulator::{EmulatorOptions, SetTarget, SettingsUpdate, set_remote};
+    use meridian_node::tools::proxy_cmd;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -637,21 +638,20 @@ fn proxy(
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            let result = runtime.block_on(proxy::run(
+            let result = runtime.block_on(proxy_cmd::run(
                 &topology,
                 control,
-                proxy::EmulatorOptions::default(),
+                EmulatorOptions::default(),
                 server::shutdown_signal(),
             ));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {}: {e}", path.display());
-                    match e {
-                        ProxyError::NoLinks | ProxyError::UnknownNode { .. } => {
-                            ExitCode::from(EXIT_INVALID)
-                        }
-                        _ => ExitCode::from(EXIT_RUNTIME),
+                    if e.is_invalid_input() {
+                        ExitCode::from(EXIT_INVALID)
+                    } else {
+                        ExitCode::from(EXIT_RUNTIME)
                     }
                 }
             }
@@ -699,7 +699,7 @@ fn proxy(
                 eprintln!("error: {e}");
                 return ExitCode::from(EXIT_INVALID);
             }
-            match runtime.block_on(proxy::set_remote(&control, &target, &update)) {
+            match runtime.block_on(set_remote(&control, &target, &update)) {
                 Ok(links) => {
                     if json {
                         match serde_json::to_string_pretty(&links) {

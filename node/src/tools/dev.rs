@@ -79,7 +79,7 @@ pub enum DevError {
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error("cannot start the link emulator: {0}")]
-    Proxy(#[from] crate::proxy::ProxyError),
+    Proxy(#[from] crate::tools::proxy_cmd::ProxyCmdError),
     #[error("cannot create the cluster certificates: {0}")]
     Certs(#[from] CertsError),
     #[error("cannot find this executable to start the nodes: {0}")]
@@ -656,8 +656,9 @@ async fn start_emulator(
     topology_path: &Path,
     topology: &Topology,
     latency_ms: u64,
-) -> Result<(PathBuf, crate::proxy::Emulator), DevError> {
-    use crate::proxy::{DirectionSel, Emulator, EmulatorOptions, SettingsUpdate};
+) -> Result<(PathBuf, meridian_emulator::Emulator), DevError> {
+    use crate::tools::proxy_cmd::{self, ProxyCmdError};
+    use meridian_emulator::{DirectionSel, EmulatorOptions, SettingsUpdate};
     let mut text = fs::read_to_string(topology_path).map_err(|source| DevError::Io {
         action: "read the topology",
         path: topology_path.to_path_buf(),
@@ -691,12 +692,14 @@ async fn start_emulator(
         source,
     })?;
     let with_links = Topology::load(&path)?;
-    let emulator = Emulator::start(&with_links, EmulatorOptions::default()).await?;
-    emulator.set_all(&SettingsUpdate {
-        delay_ms: Some(latency_ms),
-        direction: Some(DirectionSel::Both),
-        ..SettingsUpdate::default()
-    })?;
+    let emulator = proxy_cmd::start(&with_links, EmulatorOptions::default()).await?;
+    emulator
+        .set_all(&SettingsUpdate {
+            delay_ms: Some(latency_ms),
+            direction: Some(DirectionSel::Both),
+            ..SettingsUpdate::default()
+        })
+        .map_err(ProxyCmdError::from)?;
     let port_error = |source| DevError::Port {
         kind: "TCP emulator control",
         source,
@@ -705,7 +708,7 @@ async fn start_emulator(
         .await
         .map_err(port_error)?;
     let control_addr = control.local_addr().map_err(port_error)?;
-    tokio::spawn(crate::proxy::serve_control(
+    tokio::spawn(meridian_emulator::serve_control(
         emulator.handle(),
         control,
         std::future::pending(),

@@ -2,3 +2,4 @@
 
 pub mod certs;
 pub mod dev;
+pub mod proxy_cmd;

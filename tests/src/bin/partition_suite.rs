@@ -13,10 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use meridian_emulator::{DirectionSel, EmulatorHandle, EmulatorOptions, SettingsUpdate};
 use meridian_node::config::Topology;
-use meridian_node::proxy::{
-    DirectionSel, Emulator, EmulatorHandle, EmulatorOptions, SettingsUpdate,
-};
 use meridian_tests::{Cluster, free_udp_port, meridian_bin, poll_until};
 use serde_json::{Value, json};
 
@@ -948,7 +946,7 @@ async fn run(args: &Args, seed: u64, out: &Path) -> bool {
     let mut cluster = Cluster::new(n, &rule);
     let links_topology = write_links_topology(&cluster);
     let topo = Topology::load(&links_topology).expect("valid links topology");
-    let emulator = Emulator::start(
+    let emulator = meridian_node::tools::proxy_cmd::start(
         &topo,
         EmulatorOptions {
             seed: Some(seed),
