@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use meridian_node::config::{self as topology, Topology, TopologyError};
+use meridian_node::config::{self as topology, Topology};
 use meridian_node::observe::logging::{self, LogFormat};
 use meridian_node::peer::tls;
 use meridian_node::store::{self as storage, audit};
-use meridian_node::tools::dev;
+use meridian_node::tools::{dev, reports};
 use meridian_node::{clock, server};
 
 /// automerge's documents are many small allocations; mimalloc makes them and their frees
@@ -249,14 +249,23 @@ struct TestClock {
     control: bool,
 }
 
+/// A topology that cannot be read or is invalid is bad input (exit 2), whatever the cause.
 fn load_topology(path: &std::path::Path) -> Result<Topology, ExitCode> {
     Topology::load(path).map_err(|e| {
         eprintln!("{e}");
-        match e {
-            TopologyError::Io { .. } => ExitCode::from(EXIT_INVALID),
-            _ => ExitCode::from(EXIT_INVALID),
-        }
+        ExitCode::from(EXIT_INVALID)
     })
+}
+
+/// The multi-threaded runtime every async command runs on.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        })
 }
 
 fn serve(
@@ -289,15 +298,9 @@ fn serve(
     }
     let api_addr = node.api;
     let data_dir = data_dir.unwrap_or_else(|| server::default_data_dir(&topology, node_id));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     let node_id = node_id.to_string();
     let result = runtime.block_on(async move {
@@ -363,21 +366,7 @@ fn dump(data_dir: &std::path::Path, json: bool) -> ExitCode {
             }
         }
     } else {
-        let key_width = rows.iter().map(|r| r.key.len()).max().unwrap_or(3).max(3);
-        println!("# node {node_id}: {} records", rows.len());
-        println!(
-            "{:<key_width$}  {:<16}  {:<33}  STATE",
-            "KEY", "HOME", "VERSION"
-        );
-        for r in &rows {
-            println!(
-                "{:<key_width$}  {:<16}  {:<33}  {}",
-                r.key,
-                r.home_region.as_deref().unwrap_or("(global)"),
-                r.version,
-                if r.deleted { "deleted" } else { "live" }
-            );
-        }
+        print!("{}", reports::dump_table(&node_id, &rows));
     }
     ExitCode::SUCCESS
 }
@@ -427,7 +416,7 @@ fn residency_audit(
     } else {
         print!(
             "{}",
-            audit_text(&report, topology_path, data_dir, &topology)
+            reports::audit_text(&report, topology_path, data_dir, &topology)
         );
     }
     if report.is_clean() {
@@ -435,105 +424,6 @@ fn residency_audit(
     } else {
         ExitCode::from(EXIT_RUNTIME)
     }
-}
-
-fn audit_text(
-    report: &audit::AuditReport,
-    topology_path: &std::path::Path,
-    data_dir: &std::path::Path,
-    topology: &Topology,
-) -> String {
-    use std::fmt::Write as _;
-    let rules = topology.residency.rules().len();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "data directory {} belongs to node {} in region {}; residency policy: {} ({} {})",
-        data_dir.display(),
-        report.node,
-        report.region,
-        topology_path.display(),
-        rules,
-        if rules == 1 { "rule" } else { "rules" }
-    );
-    let scanned = format!("scanned {}", report.scanned);
-    if report.is_clean() {
-        let _ = writeln!(
-            out,
-            "no record, log entry or kept-aside change outside its allowed regions ({scanned})"
-        );
-    } else {
-        let width = report
-            .violations
-            .iter()
-            .map(|v| v.key.chars().count())
-            .max()
-            .unwrap_or(3)
-            .clamp(3, 64);
-        let what: Vec<String> = report
-            .violations
-            .iter()
-            .map(|v| v.what.to_string())
-            .collect();
-        let what_width = what.iter().map(String::len).max().unwrap_or(4).max(4);
-        let rule_width = report
-            .violations
-            .iter()
-            .map(|v| v.rule.as_deref().map_or(1, str::len))
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        let _ = writeln!(
-            out,
-            "{:<width$}  {:<what_width$}  {:<rule_width$}  HOME",
-            "KEY", "WHAT", "RULE"
-        );
-        for (v, what) in report.violations.iter().zip(&what) {
-            let _ = writeln!(
-                out,
-                "{:<width$}  {what:<what_width$}  {:<rule_width$}  {}",
-                v.key,
-                v.rule.as_deref().unwrap_or("-"),
-                v.home_region.as_deref().unwrap_or("-"),
-            );
-        }
-        if report.truncated {
-            let _ = writeln!(
-                out,
-                "(only the first {} are listed; the counts below are complete)",
-                report.violations.len()
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{} {} held outside their allowed regions: {} ({scanned})",
-            report.total.total(),
-            if report.total.total() == 1 {
-                "row"
-            } else {
-                "rows"
-            },
-            report.total
-        );
-    }
-    if rules == 0 {
-        let _ = writeln!(
-            out,
-            "the policy has no residency rules: every record is global"
-        );
-    } else if report.rules.is_empty() {
-        let _ = writeln!(out, "every residency rule allows region {}", report.region);
-    } else {
-        let _ = writeln!(
-            out,
-            "per rule that does not allow region {}:",
-            report.region
-        );
-        for rule in &report.rules {
-            let _ = writeln!(out, "  {rule}");
-        }
-    }
-    out
 }
 
 fn certs(topology_path: &std::path::Path, out: &std::path::Path) -> ExitCode {
@@ -575,15 +465,9 @@ fn dev(
     log_format: LogFormat,
 ) -> ExitCode {
     tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     let options = dev::DevOptions {
         regions: regions.map(usize::from),
@@ -618,15 +502,9 @@ fn proxy(
 ) -> ExitCode {
     use meridian_emulator::{EmulatorOptions, SetTarget, SettingsUpdate, set_remote};
     use meridian_node::tools::proxy_cmd;
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     match command {
         None => {

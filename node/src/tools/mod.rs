@@ -3,3 +3,4 @@
 pub mod certs;
 pub mod dev;
 pub mod proxy_cmd;
+pub mod reports;
