@@ -8,7 +8,7 @@ use redb::{Database, Durability, ReadableTable};
 use super::{Kind, PURGE_BATCH, PurgeReport, Tally, any_rule_excludes, disallowing, log_entry_key};
 use crate::store::{CHANGES, FRONTIER, PENDING, RECORDS, Store, StoreError, corrupt, dberr};
 
-/// Deletes every row [`scan`] reports, in durable transactions of at most [`PURGE_BATCH`]
+/// Deletes every row [`scan`](super::scan) reports, in durable transactions of at most [`PURGE_BATCH`]
 /// rows, and the replication frontier entries of residency classes this region may not hold.
 ///
 /// Run it while nothing else writes to the store (at start, before the engine runs).
