@@ -20,7 +20,7 @@ static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
 static CLOCK_FLOOR_NTP64: AtomicU64 = AtomicU64::new(0);
 
 fn physical_clock() -> NTP64 {
-    let wall = SystemTime::now()
+    let wall = wall_clock()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
     let offset_ms = CLOCK_OFFSET_MS.load(Ordering::Relaxed);
@@ -36,11 +36,17 @@ fn physical_clock() -> NTP64 {
     )
 }
 
+/// The wall clock: the one place the node reads it (certificate validity, unix times shown).
+#[allow(clippy::disallowed_methods)]
+pub fn wall_clock() -> SystemTime {
+    SystemTime::now()
+}
+
 /// Milliseconds since the Unix epoch by the wall clock, for what is shown or kept in unix
 /// time (status pages, idempotency entries, lag figures); never for ordering, which is the
 /// HLC's. Unaffected by the test-only skew, as it always was.
 pub fn unix_ms() -> u64 {
-    SystemTime::now()
+    wall_clock()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)

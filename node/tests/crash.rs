@@ -269,12 +269,7 @@ async fn the_test_clock_control_skews_a_running_node_and_versions_still_grow() {
             v["version"].as_str().expect("version").to_string()
         }
     };
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_millis() as u64
-    };
+    let now_ms = meridian_node::clock::unix_ms;
     let set = |offset: Value| {
         client
             .put(node.url("/v1/test/clock-offset"))

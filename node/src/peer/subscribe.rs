@@ -21,13 +21,17 @@ use crate::engine::ApplyStats;
 use crate::observe::metrics::{PeerLink, PeerRegion};
 
 fn jitter(base: Duration) -> Duration {
-    // Spread reconnects of many links; cryptographic quality is not needed.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0) as u64;
     let spread = (base.as_millis() as u64 / 2).max(1);
-    Duration::from_millis(nanos % spread)
+    Duration::from_millis(random_u64() % spread)
+}
+
+/// Random bits to spread the reconnects of many links: no cryptographic quality is needed, and
+/// no clock is read (each `RandomState` is keyed afresh).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);

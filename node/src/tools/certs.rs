@@ -76,7 +76,7 @@ pub fn generate_certs(topology: &Topology, out_dir: &Path) -> Result<CertsReport
     let ca_cert_path = out_dir.join("ca.pem");
     let ca_key_path = out_dir.join("ca.key");
     let mut written = Vec::new();
-    let now = time::OffsetDateTime::now_utc();
+    let now = time::OffsetDateTime::from(crate::clock::wall_clock());
 
     let ca_reused = ca_cert_path.exists() && ca_key_path.exists();
     let issuer = if ca_reused {

@@ -399,10 +399,7 @@ fn spawn_node(
         log,
         "--- meridian dev: starting {} (unix time {})",
         node.id,
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        crate::clock::unix_ms() / 1000
     )
     .map_err(log_err)?;
     let stdout = log.try_clone().map_err(log_err)?;

@@ -65,7 +65,12 @@ pub(crate) fn cert_der(path: &Path) -> CertificateDer<'static> {
 fn forge(certs: &Path, name: &str, uris: &[&str]) -> (PathBuf, PathBuf) {
     let issuer = load_issuer(&certs.join("ca.pem"), &certs.join("ca.key")).unwrap();
     let key = KeyPair::generate().unwrap();
-    let mut params = node_params(name, uris[0], time::OffsetDateTime::now_utc()).unwrap();
+    let mut params = node_params(
+        name,
+        uris[0],
+        time::OffsetDateTime::from(crate::clock::wall_clock()),
+    )
+    .unwrap();
     params.subject_alt_names = uris
         .iter()
         .map(|u| SanType::URI((*u).try_into().unwrap()))
