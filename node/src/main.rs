@@ -257,6 +257,20 @@ fn load_topology(path: &std::path::Path) -> Result<Topology, ExitCode> {
     })
 }
 
+/// Prints `value` as pretty JSON; if it cannot be rendered, says so and exits with `code`.
+fn print_json(value: &impl serde::Serialize, code: u8) -> Result<(), ExitCode> {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => {
+            println!("{s}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: cannot render JSON: {e}");
+            Err(ExitCode::from(code))
+        }
+    }
+}
+
 /// The multi-threaded runtime every async command runs on.
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
@@ -358,12 +372,8 @@ fn dump(data_dir: &std::path::Path, json: bool) -> ExitCode {
     };
     if json {
         let doc = serde_json::json!({"node": node_id, "records": rows});
-        match serde_json::to_string_pretty(&doc) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("error: cannot render JSON: {e}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
+        if let Err(code) = print_json(&doc, EXIT_RUNTIME) {
+            return code;
         }
     } else {
         print!("{}", reports::dump_table(&node_id, &rows));
@@ -406,12 +416,8 @@ fn residency_audit(
             map.insert("data_dir".into(), data_dir.display().to_string().into());
             map.insert("clean".into(), report.is_clean().into());
         }
-        match serde_json::to_string_pretty(&doc) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("error: cannot render JSON: {e}");
-                return ExitCode::from(EXIT_INVALID);
-            }
+        if let Err(code) = print_json(&doc, EXIT_INVALID) {
+            return code;
         }
     } else {
         print!(
@@ -580,12 +586,8 @@ fn proxy(
             match runtime.block_on(set_remote(&control, &target, &update)) {
                 Ok(links) => {
                     if json {
-                        match serde_json::to_string_pretty(&links) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => {
-                                eprintln!("error: cannot render JSON: {e}");
-                                return ExitCode::from(EXIT_RUNTIME);
-                            }
+                        if let Err(code) = print_json(&links, EXIT_RUNTIME) {
+                            return code;
                         }
                     } else {
                         for l in &links {

@@ -27,6 +27,34 @@ pub struct PeerLink {
     pub direction: &'static str,
 }
 
+impl PeerLink {
+    /// The link on which we receive `peer`'s changes (we dialled it).
+    pub fn inbound(peer: &str, peer_region: &str) -> Self {
+        PeerLink {
+            peer: peer.to_string(),
+            peer_region: peer_region.to_string(),
+            direction: "inbound",
+        }
+    }
+
+    /// The link on which we send `peer` our changes (it dialled us).
+    pub fn outbound(peer: &str, peer_region: &str) -> Self {
+        PeerLink {
+            peer: peer.to_string(),
+            peer_region: peer_region.to_string(),
+            direction: "outbound",
+        }
+    }
+}
+
+impl PeerRegion {
+    pub fn of(peer_region: &str) -> Self {
+        PeerRegion {
+            peer_region: peer_region.to_string(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     pub reason: &'static str,

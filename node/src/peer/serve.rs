@@ -152,14 +152,8 @@ async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), Li
         &stated,
         StreamLimits::default(),
     );
-    let link = PeerLink {
-        peer: identity.node_id.clone(),
-        peer_region: identity.region.clone(),
-        direction: "outbound",
-    };
-    let region_label = PeerRegion {
-        peer_region: identity.region.clone(),
-    };
+    let link = PeerLink::outbound(&identity.node_id, &identity.region);
+    let region_label = PeerRegion::of(&identity.region);
     engine.metrics.peer_up.get_or_create(&link).set(1);
     ctx.peers.update(&identity.node_id, |s| {
         s.outbound_connected = true;

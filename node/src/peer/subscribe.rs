@@ -52,11 +52,7 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
     let mut reachable = ctx.reachable.get(&peer.id).map(watch::Sender::subscribe);
     let mut backoff = BACKOFF_MIN;
     let mut last_error: Option<String> = None;
-    let link = PeerLink {
-        peer: peer.id.clone(),
-        peer_region: peer.region.clone(),
-        direction: "inbound",
-    };
+    let link = PeerLink::inbound(&peer.id, &peer.region);
     loop {
         if *shutdown.borrow() {
             return;
@@ -103,9 +99,7 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
                 engine
                     .metrics
                     .link_errors_total
-                    .get_or_create(&PeerRegion {
-                        peer_region: peer.region.clone(),
-                    })
+                    .get_or_create(&PeerRegion::of(&peer.region))
                     .inc();
                 ctx.peers
                     .update(&peer.id, |s| s.last_error = Some(text.clone()));
@@ -164,14 +158,8 @@ async fn subscribe_once(
         close_link(&conn, &mut send, 1, &reason).await;
         return Err(e.into());
     }
-    let link = PeerLink {
-        peer: peer.id.clone(),
-        peer_region: peer.region.clone(),
-        direction: "inbound",
-    };
-    let region_label = PeerRegion {
-        peer_region: peer.region.clone(),
-    };
+    let link = PeerLink::inbound(&peer.id, &peer.region);
+    let region_label = PeerRegion::of(&peer.region);
     engine.metrics.peer_up.get_or_create(&link).set(1);
     ctx.forwarder.register(&peer.id, Some(conn.clone()));
     ctx.peers.update(&peer.id, |s| {
