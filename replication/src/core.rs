@@ -28,39 +28,25 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use meridian_residency::{Placement, Policy};
+use meridian_residency::Policy;
 
 use crate::wire::{FrontierEntry, MAX_BATCH_CHANGES, Message, WireChange};
 
 /// The residency class of a key: `""` for global records, else the pinning rule's name.
+/// Same as [`Policy::class_of`], which is the canonical form.
 pub fn class_of<'p>(policy: &'p Policy, key: &str) -> &'p str {
-    match policy.placement(key) {
-        Placement::Global => "",
-        Placement::Pinned { rule, .. } => rule.name(),
-    }
+    policy.class_of(key)
 }
 
-/// May `region` hold records of `class`?
+/// May `region` hold records of `class`? Same as [`Policy::class_holdable`].
 pub fn class_holdable(policy: &Policy, class: &str, region: &str) -> bool {
-    if class.is_empty() {
-        return true;
-    }
-    policy
-        .rules()
-        .iter()
-        .find(|r| r.name() == class)
-        .is_some_and(|r| r.may_hold(region))
+    policy.class_holdable(class, region)
 }
 
-/// The classes two regions may both hold: what may flow on a link between them.
+/// The classes two regions may both hold: what may flow on a link between them. Same as
+/// [`Policy::shared_classes`].
 pub fn shared_classes(policy: &Policy, a: &str, b: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
-    for rule in policy.rules() {
-        if rule.may_hold(a) && rule.may_hold(b) {
-            out.push(rule.name().to_string());
-        }
-    }
-    out
+    policy.shared_classes(a, b)
 }
 
 /// Per (origin, class): the newest HLC held.
@@ -270,7 +256,7 @@ impl Outbound {
         stated: &[FrontierEntry],
         limits: StreamLimits,
     ) -> Self {
-        let shared = shared_classes(policy, local_region, peer_region);
+        let shared = policy.shared_classes(local_region, peer_region);
         let acked = Frontier::from_entries(stated).restricted_to(&shared);
         Outbound {
             peer_node: peer_node.to_string(),
@@ -346,7 +332,7 @@ impl Outbound {
                     break;
                 }
                 scanned_to = entry.hlc;
-                let class = class_of(policy, &entry.key);
+                let class = policy.class_of(&entry.key);
                 if !self.shared.iter().any(|c| c == class) {
                     // Residency: the subscriber's region may not hold this record.
                     continue;
@@ -388,7 +374,7 @@ impl Outbound {
         for c in &changes {
             vouched.push(FrontierEntry {
                 origin: c.origin.clone(),
-                class: class_of(policy, &c.key).to_string(),
+                class: policy.class_of(&c.key).to_string(),
                 hlc: c.hlc,
             });
         }
@@ -504,7 +490,7 @@ pub fn plan_batch(
             plan.refused.push(change);
             continue;
         }
-        let class = class_of(policy, &change.key).to_string();
+        let class = policy.class_of(&change.key).to_string();
         let held = frontier
             .get(&change.origin, &class)
             .max(current(&change.origin, &class));
@@ -530,7 +516,7 @@ pub fn plan_batch(
             });
     }
     for p in progress {
-        if !class_holdable(policy, &p.class, local_region) {
+        if !policy.class_holdable(&p.class, local_region) {
             continue;
         }
         if p.hlc > current(&p.origin, &p.class).max(frontier.get(&p.origin, &p.class)) {
