@@ -1,8 +1,10 @@
 //! The replication protocol's messages and their binary encoding.
 //!
-//! A link carries length-prefixed frames on one QUIC stream. Every count and length is checked
+//! A link carries length-prefixed frames ([`frame`]) on one QUIC stream. Every count and length is checked
 //! against a limit before anything is allocated, so a hostile or broken peer cannot make a node
 //! allocate without bound or panic.
+
+pub mod frame;
 
 /// Bumped on any incompatible change; both sides must agree. 2: changes edit the flat record
 /// layout (record format 2), which a format-1 document cannot merge with.
@@ -140,6 +142,12 @@ const T_FORWARDED: u8 = 6;
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(64);
+        self.encode_into(&mut w);
+        w
+    }
+
+    /// Appends the encoding to `w` (a frame encodes its header and body into one buffer).
+    pub fn encode_into(&self, w: &mut Vec<u8>) {
         match self {
             Message::Hello {
                 protocol,
@@ -150,10 +158,10 @@ impl Message {
             } => {
                 w.push(T_HELLO);
                 w.extend_from_slice(&protocol.to_be_bytes());
-                put_str(&mut w, cluster);
-                put_str(&mut w, node);
-                put_str(&mut w, region);
-                put_frontier(&mut w, frontier);
+                put_str(w, cluster);
+                put_str(w, node);
+                put_str(w, region);
+                put_frontier(w, frontier);
             }
             Message::Batch {
                 seq,
@@ -164,13 +172,13 @@ impl Message {
                 w.extend_from_slice(&seq.to_be_bytes());
                 w.extend_from_slice(&(changes.len() as u32).to_be_bytes());
                 for c in changes {
-                    put_str(&mut w, &c.origin);
+                    put_str(w, &c.origin);
                     w.extend_from_slice(&c.hlc.to_be_bytes());
-                    put_str(&mut w, &c.key);
+                    put_str(w, &c.key);
                     w.extend_from_slice(&(c.change.len() as u32).to_be_bytes());
                     w.extend_from_slice(&c.change);
                 }
-                put_frontier(&mut w, progress);
+                put_frontier(w, progress);
             }
             Message::Ack { seq } => {
                 w.push(T_ACK);
@@ -179,7 +187,7 @@ impl Message {
             Message::Close { reason } => {
                 w.push(T_CLOSE);
                 let cut: String = reason.chars().take(MAX_REASON_BYTES / 4).collect();
-                put_str(&mut w, &cut);
+                put_str(w, &cut);
             }
             Message::Forward {
                 method,
@@ -189,8 +197,8 @@ impl Message {
             } => {
                 w.push(T_FORWARD);
                 w.push(method.code());
-                put_str(&mut w, key);
-                put_str(&mut w, idempotency_key);
+                put_str(w, key);
+                put_str(w, idempotency_key);
                 w.extend_from_slice(&(body.len() as u32).to_be_bytes());
                 w.extend_from_slice(body);
             }
@@ -202,13 +210,12 @@ impl Message {
             } => {
                 w.push(T_FORWARDED);
                 w.extend_from_slice(&status.to_be_bytes());
-                put_str(&mut w, region);
-                put_str(&mut w, node);
+                put_str(w, region);
+                put_str(w, node);
                 w.extend_from_slice(&(body.len() as u32).to_be_bytes());
                 w.extend_from_slice(body);
             }
         }
-        w
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
