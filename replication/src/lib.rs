@@ -11,7 +11,10 @@
 //! * [`protocol`]: the link protocol: frontiers, the sender's and the subscriber's side, the
 //!   handshake, what to store from a batch. [`core`] is the same module under its older name.
 //! * [`wire`]: the messages, their binary encoding and the length-prefixed frame.
+//! * [`codec`]: the bounds-checked byte [`codec::Reader`] the wire codec (and the node's store
+//!   codecs) read with.
 
+pub mod codec;
 pub mod protocol;
 pub mod record;
 pub mod version;
