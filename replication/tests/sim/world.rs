@@ -13,6 +13,7 @@ use meridian_replication::core::{
     ChangeSource, Frontier, Inbound, LogEntry, Outbound, StreamLimits, check_hello, class_of,
     plan_batch,
 };
+use meridian_replication::version::ntp64_from_ms;
 use meridian_replication::wire::{FrontierEntry, Message, PROTOCOL_VERSION, WireChange};
 use meridian_replication::{RecordDoc, RecordError, RecordView, Version};
 use meridian_residency::{Foreign, Policy, RuleSpec};
@@ -50,14 +51,6 @@ pub const P_KEYS: [&str; 4] = ["p/0", "p/1", "p/2", "p/3"];
 /// replica 3 when there are four).
 pub const Q_KEYS: [&str; 4] = ["q/0", "q/1", "q/2", "q/3"];
 pub const COUNTER_FIELD: &str = "n";
-
-/// Milliseconds (a Unix time or a duration) as NTP64: seconds in the upper 32 bits, the
-/// fraction in the lower.
-pub fn ms_to_ntp64(ms: u64) -> u64 {
-    let secs = ms / 1000;
-    let frac = ((ms % 1000) << 32) / 1000;
-    (secs << 32) | frac
-}
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -273,7 +266,7 @@ impl Replica {
     /// This replica's physical clock, as NTP64.
     pub fn clock(&self, now_ms: u64) -> u64 {
         let ms = (BASE_UNIX_MS + now_ms) as i64 + self.offset_ms;
-        ms_to_ntp64(ms as u64)
+        ntp64_from_ms(ms as u64)
     }
 
     fn stamp(&self, now_ms: u64) -> Version {
@@ -291,7 +284,7 @@ impl Replica {
             return Ok(0);
         };
         let mut waiting = 0;
-        let horizon = now_ntp.saturating_add(ms_to_ntp64(MAX_DRIFT_MS));
+        let horizon = now_ntp.saturating_add(ntp64_from_ms(MAX_DRIFT_MS));
         let (mut keep, ready): (Vec<Pending>, Vec<Pending>) =
             list.into_iter().partition(|p| p.held && p.hlc > horizon);
         if !ready.is_empty() {
@@ -990,7 +983,7 @@ impl World {
         // Changes held for drift become due as the local clock catches up.
         for r in 0..self.reps.len() {
             let now_ntp = self.reps[r].clock(self.now);
-            let horizon = now_ntp + ms_to_ntp64(MAX_DRIFT_MS);
+            let horizon = now_ntp + ntp64_from_ms(MAX_DRIFT_MS);
             // Only keys with a change that became due: offering changes that merely wait for
             // their dependencies again would change nothing.
             let due: Vec<String> = self.reps[r]
@@ -1026,7 +1019,7 @@ impl World {
                 &self.policy,
                 &rep.region,
                 now_ntp,
-                ms_to_ntp64(MAX_DRIFT_MS),
+                ntp64_from_ms(MAX_DRIFT_MS),
             )
         };
         self.trace(|| {
