@@ -22,7 +22,7 @@
 //! (put / patch / incr / delete, `apply_tracked`, `view`, `save`/`load`, `max_version`).
 //! Residency comes from a real [`Policy`].
 //!
-//! # What is modelled (see `sim/world.rs`)
+//! # What is modelled (see `sim/world.rs` and `sim/world/`)
 //!
 //! * **Replicas**: one node per region, each with a store in memory (a change log per origin,
 //!   the frontier, documents, and changes kept aside — waiting for their dependencies or held
@@ -72,7 +72,7 @@
 //!   documents, not data.
 //! * Concurrency inside a node (group commit, writes in flight below the safe point): a
 //!   replica's steps are atomic.
-//! * Forwarding of writes for pinned records to their home region (issue 4), TLS, certificate
+//! * Forwarding of writes for pinned records to their home region, TLS, certificate
 //!   checks, connection age limits and message sizes near the wire limits.
 //! * Several nodes per region, and topology changes.
 
