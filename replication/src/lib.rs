@@ -11,9 +11,11 @@
 //! * [`protocol`]: the link protocol: frontiers, the sender's and the subscriber's side, the
 //!   handshake, what to store from a batch. [`core`] is the same module under its older name.
 //! * [`wire`]: the messages, their binary encoding and the length-prefixed frame.
+//! * [`backoff`]: the reconnect [`backoff::Backoff`] of a link's dialler.
 //! * [`codec`]: the bounds-checked byte [`codec::Reader`] the wire codec (and the node's store
 //!   codecs) read with.
 
+pub mod backoff;
 pub mod codec;
 pub mod protocol;
 pub mod record;

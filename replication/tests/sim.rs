@@ -36,9 +36,11 @@
 //!   and its frontier; the sender answers `Hello`, then streams batches within its window; the
 //!   subscriber applies each batch and acknowledges it. A protocol error (a gap, a repeat, an
 //!   unexpected message) resets the connection; so do 2 s without progress while a batch or a
-//!   `Hello` is unanswered. The subscriber redials after exponential backoff with jitter. Both
-//!   ends of a connection share an epoch: anything still on the wire from an older connection
-//!   is dropped when it arrives. Senders poll after every commit, every ack, and on an idle
+//!   `Hello` is unanswered. The subscriber redials after the node's own backoff
+//!   ([`meridian_replication::backoff::Backoff`]: 100 ms doubling to 2 s, plus up to half again
+//!   as jitter, back to 100 ms after an attempt that lasted over 10 s). Both ends of a
+//!   connection share an epoch: anything still on the wire from an older connection is dropped
+//!   when it arrives. Senders poll after every commit, every ack, and on an idle
 //!   tick every 500 ms, as the node's link driver does.
 //! * **Network**: every message is delayed 1–200 ms; while faults are on it is lost with a
 //!   seeded probability (0–10 %), duplicated (0–4 %), and for some seeds it may overtake earlier
@@ -75,6 +77,8 @@
 //! * Forwarding of writes for pinned records to their home region, TLS, certificate
 //!   checks, connection age limits and message sizes near the wire limits.
 //! * Several nodes per region, and topology changes.
+//! * A dial waiting in backoff is not cut short when the peer reaches this replica (the node
+//!   dials again at once then).
 
 #[path = "sim/rng.rs"]
 mod rng;

@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use std::ops::Bound;
 
 use automerge::ActorId;
+use meridian_replication::backoff::Backoff;
 use meridian_replication::core::{
     ChangeSource, Frontier, Inbound, LogEntry, Outbound, StreamLimits, check_hello, class_of,
     plan_batch,
@@ -64,7 +65,9 @@ pub struct Link {
     out: Option<Outbound>,
     /// Since when the oldest unacknowledged batch has been waiting (or the last ack).
     waiting_since: u64,
-    failures: u32,
+    /// When the subscriber last dialled: how long the attempt lasted when the link resets.
+    dialled_at: u64,
+    backoff: Backoff,
 }
 
 enum Event {
@@ -195,7 +198,8 @@ impl World {
                         inbound: Inbound::default(),
                         out: None,
                         waiting_since: 0,
-                        failures: 0,
+                        dialled_at: 0,
+                        backoff: Backoff::new(),
                     });
                 }
             }
@@ -382,6 +386,7 @@ impl World {
                 let l = &mut self.links[link];
                 if l.epoch == epoch && l.state == SubState::Down {
                     l.state = SubState::Hello(self.now);
+                    l.dialled_at = self.now;
                     let (sub, snd) = (l.sub, l.snd);
                     self.trace(|| format!("dial {snd}→{sub} e{epoch}"));
                     let l = &mut self.links[link];

@@ -17,8 +17,6 @@ pub(super) const TICK_MS: u64 = 100;
 pub(super) const IDLE_TICK_MS: u64 = 500;
 /// One-way message delay: uniform in this range.
 pub(super) const DELAY_MS: (u64, u64) = (1, 200);
-pub(super) const BACKOFF_MIN_MS: u64 = 100;
-pub(super) const BACKOFF_MAX_MS: u64 = 5_000;
 /// After the workload ends and the faults are healed, the run must be quiescent within this.
 pub(super) const SETTLE_LIMIT_MS: u64 = 180_000;
 

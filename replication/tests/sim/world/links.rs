@@ -1,6 +1,8 @@
 //! The links and the network: sending over a lossy, delaying, reordering wire, resets and
 //! reconnects, both ends of the protocol, and the periodic tick.
 
+use std::time::Duration;
+
 use super::*;
 
 impl World {
@@ -67,11 +69,15 @@ impl World {
         l.state = SubState::Down;
         l.out = None;
         l.inbound = Inbound::default();
-        l.failures += 1;
+        // The subscriber's dialler backs off as the node's does.
+        l.backoff
+            .failed_after(Duration::from_millis(self.now - l.dialled_at));
+        let wait = l.backoff.next_wait(self.net.next_u64());
         let epoch = l.epoch;
-        let ceiling = (BACKOFF_MIN_MS << l.failures.min(6)).min(BACKOFF_MAX_MS);
-        let wait = ceiling / 2 + self.net.range(0, ceiling / 2);
-        self.schedule(self.now + wait, Event::Reconnect { link, epoch });
+        self.schedule(
+            self.now + wait.as_millis() as u64,
+            Event::Reconnect { link, epoch },
+        );
     }
 
     pub(super) fn deliver(
@@ -145,7 +151,6 @@ impl World {
                 }
                 let l = &mut self.links[link];
                 l.waiting_since = self.now;
-                l.failures = 0;
                 self.pump(link);
             }
             // A batch, a close, or anything else: not what a subscriber sends on this stream.
