@@ -239,27 +239,13 @@ impl Message {
             },
             T_BATCH => {
                 let seq = r.u64_be()?;
-                let count = r.u32_be()? as usize;
-                if count > MAX_BATCH_CHANGES {
-                    return Err(WireError::TooLarge {
-                        what: "batch change count",
-                        len: count,
-                        limit: MAX_BATCH_CHANGES,
-                    });
-                }
+                let count = get_len32(&mut r, "batch change count", MAX_BATCH_CHANGES)?;
                 let mut changes = Vec::with_capacity(count);
                 for _ in 0..count {
                     let origin = get_str(&mut r, "origin", MAX_NAME_BYTES)?;
                     let hlc = r.u64_be()?;
                     let key = get_str(&mut r, "key", MAX_NAME_BYTES)?;
-                    let len = r.u32_be()? as usize;
-                    if len > MAX_CHANGE_BYTES {
-                        return Err(WireError::TooLarge {
-                            what: "change",
-                            len,
-                            limit: MAX_CHANGE_BYTES,
-                        });
-                    }
+                    let len = get_len32(&mut r, "change", MAX_CHANGE_BYTES)?;
                     let change = r.take(len)?.to_vec();
                     changes.push(WireChange {
                         origin,
@@ -340,27 +326,22 @@ fn get_str(r: &mut Reader<'_>, what: &'static str, limit: usize) -> Result<Strin
         .map_err(|_| WireError::NotUtf8(what))
 }
 
-fn get_body(r: &mut Reader<'_>) -> Result<Vec<u8>, WireError> {
+/// A `u32` count or length, refused above `limit` before anything is allocated for it.
+fn get_len32(r: &mut Reader<'_>, what: &'static str, limit: usize) -> Result<usize, WireError> {
     let len = r.u32_be()? as usize;
-    if len > MAX_FORWARD_BODY_BYTES {
-        return Err(WireError::TooLarge {
-            what: "forwarded body",
-            len,
-            limit: MAX_FORWARD_BODY_BYTES,
-        });
+    if len > limit {
+        return Err(WireError::TooLarge { what, len, limit });
     }
+    Ok(len)
+}
+
+fn get_body(r: &mut Reader<'_>) -> Result<Vec<u8>, WireError> {
+    let len = get_len32(r, "forwarded body", MAX_FORWARD_BODY_BYTES)?;
     Ok(r.take(len)?.to_vec())
 }
 
 fn get_frontier(r: &mut Reader<'_>) -> Result<Vec<FrontierEntry>, WireError> {
-    let count = r.u32_be()? as usize;
-    if count > MAX_FRONTIER_ENTRIES {
-        return Err(WireError::TooLarge {
-            what: "frontier entry count",
-            len: count,
-            limit: MAX_FRONTIER_ENTRIES,
-        });
-    }
+    let count = get_len32(r, "frontier entry count", MAX_FRONTIER_ENTRIES)?;
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         out.push(FrontierEntry {
