@@ -1,8 +1,12 @@
 //! The replication protocol's messages and their binary encoding.
 //!
-//! A link carries length-prefixed frames on one QUIC stream. Every count and length is checked
+//! A link carries length-prefixed frames ([`frame`]) on one QUIC stream. Every count and length is checked
 //! against a limit before anything is allocated, so a hostile or broken peer cannot make a node
 //! allocate without bound or panic.
+
+pub mod frame;
+
+use crate::codec::{Reader, Truncated};
 
 /// Bumped on any incompatible change; both sides must agree. 2: changes edit the flat record
 /// layout (record format 2), which a format-1 document cannot merge with.
@@ -140,6 +144,12 @@ const T_FORWARDED: u8 = 6;
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(64);
+        self.encode_into(&mut w);
+        w
+    }
+
+    /// Appends the encoding to `w` (a frame encodes its header and body into one buffer).
+    pub fn encode_into(&self, w: &mut Vec<u8>) {
         match self {
             Message::Hello {
                 protocol,
@@ -150,10 +160,10 @@ impl Message {
             } => {
                 w.push(T_HELLO);
                 w.extend_from_slice(&protocol.to_be_bytes());
-                put_str(&mut w, cluster);
-                put_str(&mut w, node);
-                put_str(&mut w, region);
-                put_frontier(&mut w, frontier);
+                put_str(w, cluster);
+                put_str(w, node);
+                put_str(w, region);
+                put_frontier(w, frontier);
             }
             Message::Batch {
                 seq,
@@ -164,13 +174,13 @@ impl Message {
                 w.extend_from_slice(&seq.to_be_bytes());
                 w.extend_from_slice(&(changes.len() as u32).to_be_bytes());
                 for c in changes {
-                    put_str(&mut w, &c.origin);
+                    put_str(w, &c.origin);
                     w.extend_from_slice(&c.hlc.to_be_bytes());
-                    put_str(&mut w, &c.key);
+                    put_str(w, &c.key);
                     w.extend_from_slice(&(c.change.len() as u32).to_be_bytes());
                     w.extend_from_slice(&c.change);
                 }
-                put_frontier(&mut w, progress);
+                put_frontier(w, progress);
             }
             Message::Ack { seq } => {
                 w.push(T_ACK);
@@ -179,7 +189,7 @@ impl Message {
             Message::Close { reason } => {
                 w.push(T_CLOSE);
                 let cut: String = reason.chars().take(MAX_REASON_BYTES / 4).collect();
-                put_str(&mut w, &cut);
+                put_str(w, &cut);
             }
             Message::Forward {
                 method,
@@ -189,8 +199,8 @@ impl Message {
             } => {
                 w.push(T_FORWARD);
                 w.push(method.code());
-                put_str(&mut w, key);
-                put_str(&mut w, idempotency_key);
+                put_str(w, key);
+                put_str(w, idempotency_key);
                 w.extend_from_slice(&(body.len() as u32).to_be_bytes());
                 w.extend_from_slice(body);
             }
@@ -202,13 +212,12 @@ impl Message {
             } => {
                 w.push(T_FORWARDED);
                 w.extend_from_slice(&status.to_be_bytes());
-                put_str(&mut w, region);
-                put_str(&mut w, node);
+                put_str(w, region);
+                put_str(w, node);
                 w.extend_from_slice(&(body.len() as u32).to_be_bytes());
                 w.extend_from_slice(body);
             }
         }
-        w
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
@@ -219,38 +228,24 @@ impl Message {
                 limit: MAX_FRAME_BYTES,
             });
         }
-        let mut r = Reader { bytes, at: 0 };
+        let mut r = Reader::new(bytes);
         let msg = match r.u8()? {
             T_HELLO => Message::Hello {
-                protocol: r.u16()?,
-                cluster: r.string("cluster", MAX_NAME_BYTES)?,
-                node: r.string("node", MAX_NAME_BYTES)?,
-                region: r.string("region", MAX_NAME_BYTES)?,
-                frontier: r.frontier()?,
+                protocol: r.u16_be()?,
+                cluster: get_str(&mut r, "cluster", MAX_NAME_BYTES)?,
+                node: get_str(&mut r, "node", MAX_NAME_BYTES)?,
+                region: get_str(&mut r, "region", MAX_NAME_BYTES)?,
+                frontier: get_frontier(&mut r)?,
             },
             T_BATCH => {
-                let seq = r.u64()?;
-                let count = r.u32()? as usize;
-                if count > MAX_BATCH_CHANGES {
-                    return Err(WireError::TooLarge {
-                        what: "batch change count",
-                        len: count,
-                        limit: MAX_BATCH_CHANGES,
-                    });
-                }
+                let seq = r.u64_be()?;
+                let count = get_len32(&mut r, "batch change count", MAX_BATCH_CHANGES)?;
                 let mut changes = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let origin = r.string("origin", MAX_NAME_BYTES)?;
-                    let hlc = r.u64()?;
-                    let key = r.string("key", MAX_NAME_BYTES)?;
-                    let len = r.u32()? as usize;
-                    if len > MAX_CHANGE_BYTES {
-                        return Err(WireError::TooLarge {
-                            what: "change",
-                            len,
-                            limit: MAX_CHANGE_BYTES,
-                        });
-                    }
+                    let origin = get_str(&mut r, "origin", MAX_NAME_BYTES)?;
+                    let hlc = r.u64_be()?;
+                    let key = get_str(&mut r, "key", MAX_NAME_BYTES)?;
+                    let len = get_len32(&mut r, "change", MAX_CHANGE_BYTES)?;
                     let change = r.take(len)?.to_vec();
                     changes.push(WireChange {
                         origin,
@@ -262,33 +257,33 @@ impl Message {
                 Message::Batch {
                     seq,
                     changes,
-                    progress: r.frontier()?,
+                    progress: get_frontier(&mut r)?,
                 }
             }
-            T_ACK => Message::Ack { seq: r.u64()? },
+            T_ACK => Message::Ack { seq: r.u64_be()? },
             T_CLOSE => Message::Close {
-                reason: r.string("close reason", MAX_REASON_BYTES)?,
+                reason: get_str(&mut r, "close reason", MAX_REASON_BYTES)?,
             },
             T_FORWARD => {
                 let code = r.u8()?;
                 let method = ForwardMethod::from_code(code).ok_or(WireError::UnknownType(code))?;
                 Message::Forward {
                     method,
-                    key: r.string("key", MAX_NAME_BYTES)?,
-                    idempotency_key: r.string("idempotency key", MAX_NAME_BYTES)?,
-                    body: r.body()?,
+                    key: get_str(&mut r, "key", MAX_NAME_BYTES)?,
+                    idempotency_key: get_str(&mut r, "idempotency key", MAX_NAME_BYTES)?,
+                    body: get_body(&mut r)?,
                 }
             }
             T_FORWARDED => Message::Forwarded {
-                status: r.u16()?,
-                region: r.string("region", MAX_NAME_BYTES)?,
-                node: r.string("node", MAX_NAME_BYTES)?,
-                body: r.body()?,
+                status: r.u16_be()?,
+                region: get_str(&mut r, "region", MAX_NAME_BYTES)?,
+                node: get_str(&mut r, "node", MAX_NAME_BYTES)?,
+                body: get_body(&mut r)?,
             },
             other => return Err(WireError::UnknownType(other)),
         };
-        if r.at != bytes.len() {
-            return Err(WireError::Trailing(bytes.len() - r.at));
+        if !r.is_at_end() {
+            return Err(WireError::Trailing(r.remaining()));
         }
         Ok(msg)
     }
@@ -311,83 +306,51 @@ fn put_frontier(w: &mut Vec<u8>, entries: &[FrontierEntry]) {
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+impl From<Truncated> for WireError {
+    fn from(e: Truncated) -> Self {
+        WireError::Truncated {
+            wanted: e.wanted,
+            at: e.at,
+        }
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|e| *e <= self.bytes.len())
-            .ok_or(WireError::Truncated {
-                wanted: n,
-                at: self.at,
-            })?;
-        let s = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(s)
+/// A name or key: a `u16` length checked against `limit` before the bytes are read.
+fn get_str(r: &mut Reader<'_>, what: &'static str, limit: usize) -> Result<String, WireError> {
+    let len = usize::from(r.u16_be()?);
+    if len > limit {
+        return Err(WireError::TooLarge { what, len, limit });
     }
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        let mut b = [0u8; 2];
-        b.copy_from_slice(self.take(2)?);
-        Ok(u16::from_be_bytes(b))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(self.take(4)?);
-        Ok(u32::from_be_bytes(b))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(self.take(8)?);
-        Ok(u64::from_be_bytes(b))
-    }
-    fn string(&mut self, what: &'static str, limit: usize) -> Result<String, WireError> {
-        let len = self.u16()? as usize;
-        if len > limit {
-            return Err(WireError::TooLarge { what, len, limit });
-        }
-        std::str::from_utf8(self.take(len)?)
-            .map(str::to_string)
-            .map_err(|_| WireError::NotUtf8(what))
-    }
-    fn body(&mut self) -> Result<Vec<u8>, WireError> {
-        let len = self.u32()? as usize;
-        if len > MAX_FORWARD_BODY_BYTES {
-            return Err(WireError::TooLarge {
-                what: "forwarded body",
-                len,
-                limit: MAX_FORWARD_BODY_BYTES,
-            });
-        }
-        Ok(self.take(len)?.to_vec())
-    }
+    std::str::from_utf8(r.take(len)?)
+        .map(str::to_string)
+        .map_err(|_| WireError::NotUtf8(what))
+}
 
-    fn frontier(&mut self) -> Result<Vec<FrontierEntry>, WireError> {
-        let count = self.u32()? as usize;
-        if count > MAX_FRONTIER_ENTRIES {
-            return Err(WireError::TooLarge {
-                what: "frontier entry count",
-                len: count,
-                limit: MAX_FRONTIER_ENTRIES,
-            });
-        }
-        let mut out = Vec::with_capacity(count);
-        for _ in 0..count {
-            out.push(FrontierEntry {
-                origin: self.string("origin", MAX_NAME_BYTES)?,
-                class: self.string("class", MAX_NAME_BYTES)?,
-                hlc: self.u64()?,
-            });
-        }
-        Ok(out)
+/// A `u32` count or length, refused above `limit` before anything is allocated for it.
+fn get_len32(r: &mut Reader<'_>, what: &'static str, limit: usize) -> Result<usize, WireError> {
+    let len = r.u32_be()? as usize;
+    if len > limit {
+        return Err(WireError::TooLarge { what, len, limit });
     }
+    Ok(len)
+}
+
+fn get_body(r: &mut Reader<'_>) -> Result<Vec<u8>, WireError> {
+    let len = get_len32(r, "forwarded body", MAX_FORWARD_BODY_BYTES)?;
+    Ok(r.take(len)?.to_vec())
+}
+
+fn get_frontier(r: &mut Reader<'_>) -> Result<Vec<FrontierEntry>, WireError> {
+    let count = get_len32(r, "frontier entry count", MAX_FRONTIER_ENTRIES)?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        out.push(FrontierEntry {
+            origin: get_str(r, "origin", MAX_NAME_BYTES)?,
+            class: get_str(r, "class", MAX_NAME_BYTES)?,
+            hlc: r.u64_be()?,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

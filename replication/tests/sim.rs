@@ -22,7 +22,7 @@
 //! (put / patch / incr / delete, `apply_tracked`, `view`, `save`/`load`, `max_version`).
 //! Residency comes from a real [`Policy`].
 //!
-//! # What is modelled (see `sim/world.rs`)
+//! # What is modelled (see `sim/world.rs` and `sim/world/`)
 //!
 //! * **Replicas**: one node per region, each with a store in memory (a change log per origin,
 //!   the frontier, documents, and changes kept aside — waiting for their dependencies or held
@@ -36,9 +36,11 @@
 //!   and its frontier; the sender answers `Hello`, then streams batches within its window; the
 //!   subscriber applies each batch and acknowledges it. A protocol error (a gap, a repeat, an
 //!   unexpected message) resets the connection; so do 2 s without progress while a batch or a
-//!   `Hello` is unanswered. The subscriber redials after exponential backoff with jitter. Both
-//!   ends of a connection share an epoch: anything still on the wire from an older connection
-//!   is dropped when it arrives. Senders poll after every commit, every ack, and on an idle
+//!   `Hello` is unanswered. The subscriber redials after the node's own backoff
+//!   ([`meridian_replication::backoff::Backoff`]: 100 ms doubling to 2 s, plus up to half again
+//!   as jitter, back to 100 ms after an attempt that lasted over 10 s). Both ends of a
+//!   connection share an epoch: anything still on the wire from an older connection is dropped
+//!   when it arrives. Senders poll after every commit, every ack, and on an idle
 //!   tick every 500 ms, as the node's link driver does.
 //! * **Network**: every message is delayed 1–200 ms; while faults are on it is lost with a
 //!   seeded probability (0–10 %), duplicated (0–4 %), and for some seeds it may overtake earlier
@@ -72,9 +74,11 @@
 //!   documents, not data.
 //! * Concurrency inside a node (group commit, writes in flight below the safe point): a
 //!   replica's steps are atomic.
-//! * Forwarding of writes for pinned records to their home region (issue 4), TLS, certificate
+//! * Forwarding of writes for pinned records to their home region, TLS, certificate
 //!   checks, connection age limits and message sizes near the wire limits.
 //! * Several nodes per region, and topology changes.
+//! * A dial waiting in backoff is not cut short when the peer reaches this replica (the node
+//!   dials again at once then).
 
 #[path = "sim/rng.rs"]
 mod rng;
@@ -90,6 +94,12 @@ use meridian_residency::Policy;
 use serde_json::json;
 
 use world::{Config, Op, Outcome, World, run_seed};
+
+/// Real time, to report how long seeds take: the runs themselves only see virtual time.
+#[allow(clippy::disallowed_methods)]
+fn wall_clock() -> std::time::Instant {
+    std::time::Instant::now()
+}
 
 fn replay_hint(seed: u64) -> String {
     format!("SIM_SEED={seed} cargo test -p meridian-replication --test sim")
@@ -151,7 +161,7 @@ fn run_all(seeds: &[u64]) -> Vec<Outcome> {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(&seed) = seeds.get(i) else { break };
-                    let started = std::time::Instant::now();
+                    let started = wall_clock();
                     let outcome = run_seed(seed);
                     if verbose {
                         println!(
@@ -186,7 +196,7 @@ fn run_all(seeds: &[u64]) -> Vec<Outcome> {
 #[test]
 fn simulate_many_seeds() {
     let seeds = seeds();
-    let started = std::time::Instant::now();
+    let started = wall_clock();
     let outcomes = run_all(&seeds);
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.failures.is_empty()).collect();
     let total = |f: fn(&Outcome) -> u64| outcomes.iter().map(f).sum::<u64>();

@@ -14,6 +14,8 @@
 //! that shape (no dependencies, no overwrites, deletes, counters, text or marks) and answers
 //! `None` for anything else, so that the caller applies those through automerge instead. The
 //! property tests check both against automerge's own rendering.
+//!
+//! [`RecordDoc::put`]: super::RecordDoc::put
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
