@@ -24,9 +24,3 @@ pub mod wire;
 
 pub use record::{LocalChange, RecordDoc, RecordError, RecordView, RemoteApply};
 pub use version::Version;
-
-/// The protocol logic under its former path: everything in [`protocol`] (the canonical path),
-/// under the same names.
-pub mod core {
-    pub use crate::protocol::*;
-}

@@ -88,7 +88,7 @@ mod world;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use meridian_replication::core::{LogEntry, Outbound, StreamLimits, class_of, plan_batch};
+use meridian_replication::protocol::{LogEntry, Outbound, StreamLimits, plan_batch};
 use meridian_replication::wire::{FrontierEntry, Message, WireChange};
 use meridian_residency::Policy;
 use serde_json::json;
@@ -375,7 +375,7 @@ fn log_insert(store: &mut world::Store, policy: &Policy, origin: &str, hlc: u64,
         },
     );
     // As a node does when it stores a received change (plan.frontier).
-    store.frontier.raise(origin, class_of(policy, key), hlc);
+    store.frontier.raise(origin, policy.class_of(key), hlc);
 }
 
 /// Poll and acknowledge until `poll_batch` has nothing more to say; returns every change sent

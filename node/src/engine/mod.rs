@@ -29,6 +29,7 @@ use crate::config::Topology;
 use crate::observe::metrics::{Metrics, OpLabels};
 use crate::store::{ItemOutcome, Store, StoredRecord, WriteItem};
 use crate::sync::lock;
+use meridian_replication::version::ntp64_from_ms;
 use meridian_replication::wire::FrontierEntry;
 
 /// Writes waiting for the writer thread at most.
@@ -368,12 +369,8 @@ impl Engine {
 
     /// A remote stamp beyond this is held back: now plus the maximum drift, in NTP64 units.
     pub fn drift_horizon_ntp64(&self) -> u64 {
-        let max_drift = self.topology.clock.max_drift_ms;
-        let drift_ntp64 = ((max_drift as u128) << 32) / 1000;
-        self.clock
-            .now()
-            .time_ntp64
-            .saturating_add(drift_ntp64 as u64)
+        let drift_ntp64 = ntp64_from_ms(self.topology.clock.max_drift_ms);
+        self.clock.now().time_ntp64.saturating_add(drift_ntp64)
     }
 
     pub fn read(&self, key: &str) -> Result<Option<ReadRecord>, ReadError> {

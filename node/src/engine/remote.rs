@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use meridian_replication::Version;
-use meridian_replication::core::Plan;
+use meridian_replication::protocol::Plan;
 use meridian_replication::record::first_write;
 use meridian_replication::wire::FrontierEntry;
 
@@ -156,7 +156,7 @@ impl Engine {
         chunk: Vec<(
             String,
             tokio::sync::OwnedMutexGuard<Slot>,
-            Vec<meridian_replication::core::Accepted>,
+            Vec<meridian_replication::protocol::Accepted>,
         )>,
         horizon: u64,
     ) -> Result<
@@ -231,7 +231,7 @@ impl Engine {
         &self,
         key: String,
         mut cached: CachedDoc,
-        accepted: Vec<meridian_replication::core::Accepted>,
+        accepted: Vec<meridian_replication::protocol::Accepted>,
         stored_pending: Vec<PendingChange>,
         horizon: u64,
         stats: &mut ApplyStats,

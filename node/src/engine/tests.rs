@@ -2,7 +2,7 @@ use super::{Engine, EngineConfig, WriterHandle};
 use crate::clock::NodeClock;
 use crate::config::Topology;
 use crate::store::Store;
-use meridian_replication::core::{Accepted, Plan};
+use meridian_replication::protocol::{Accepted, Plan};
 use meridian_replication::{RecordDoc, Version};
 use serde_json::{Value as Json, json};
 use std::path::Path;

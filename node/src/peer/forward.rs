@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meridian_replication::core::ProtocolError;
+use meridian_replication::protocol::ProtocolError;
 use meridian_replication::wire::{ForwardMethod, Message};
 use tracing::Instrument;
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use meridian_replication::core::Frontier;
-use meridian_replication::wire::{MAX_FRAME_BYTES, Message, PROTOCOL_VERSION};
+use meridian_replication::protocol::Frontier;
+use meridian_replication::wire::{Message, PROTOCOL_VERSION, frame};
 
 use super::LinkError;
 use crate::engine::Engine;
@@ -13,28 +13,21 @@ pub(super) async fn write_msg(
     send: &mut quinn::SendStream,
     msg: &Message,
 ) -> Result<(), LinkError> {
-    let bytes = msg.encode();
-    let mut frame = Vec::with_capacity(4 + bytes.len());
-    frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&bytes);
-    send.write_all(&frame).await?;
+    send.write_all(&frame::encode(msg)).await?;
     Ok(())
 }
 
 pub(super) async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Message, LinkError> {
-    let mut len = [0u8; 4];
-    match recv.read_exact(&mut len).await {
+    let mut header = [0u8; frame::HEADER_BYTES];
+    match recv.read_exact(&mut header).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(LinkError::StreamEnded),
         Err(e) => return Err(e.into()),
     }
-    let n = u32::from_be_bytes(len) as usize;
-    if n > MAX_FRAME_BYTES {
-        return Err(LinkError::FrameTooLarge(n));
-    }
-    let mut buf = vec![0u8; n];
-    recv.read_exact(&mut buf).await?;
-    Ok(Message::decode(&buf)?)
+    let len = frame::body_len(header)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await?;
+    Ok(Message::decode(&body)?)
 }
 
 /// Reasons a node gives when it closes a link for ordinary causes.

@@ -1,5 +1,5 @@
 //! The replication driver: the one place where the sans-IO core
-//! (`meridian_replication::core`) meets quinn, redb and tokio.
+//! (`meridian_replication::protocol`) meets quinn, redb and tokio.
 //!
 //! Each node dials every peer and *subscribes*: it states its frontier and receives, on that
 //! connection, the changes it lacks (the peer's own and those the peer relays). Each node also
@@ -34,7 +34,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_replication::wire::MAX_FRAME_BYTES;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -56,12 +55,12 @@ pub enum LinkError {
     Read(#[from] quinn::ReadExactError),
     #[error("writing to the peer: {0}")]
     Write(#[from] quinn::WriteError),
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
-    FrameTooLarge(usize),
+    #[error(transparent)]
+    FrameTooLarge(#[from] meridian_replication::wire::frame::FrameTooLarge),
     #[error("malformed message: {0}")]
     Wire(#[from] meridian_replication::wire::WireError),
     #[error("protocol: {0}")]
-    Protocol(#[from] meridian_replication::core::ProtocolError),
+    Protocol(#[from] meridian_replication::protocol::ProtocolError),
     #[error("the peer closed the link: {0}")]
     PeerClosed(String),
     #[error("the peer closed the stream")]

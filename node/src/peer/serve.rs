@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_replication::core::{
+use meridian_replication::protocol::{
     ChangeSource, Frontier, LogEntry, Outbound, StreamLimits, check_hello,
 };
 use meridian_replication::wire::Message;
@@ -220,9 +220,9 @@ async fn stream_to(
                     });
                 }
                 Message::Close { reason } => return Err(LinkError::PeerClosed(reason)),
-                Message::Hello { .. } => return Err(meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into()),
+                Message::Hello { .. } => return Err(meridian_replication::protocol::ProtocolError::UnexpectedMessage("hello").into()),
                 Message::Batch { .. } | Message::Forward { .. } | Message::Forwarded { .. } => {
-                    return Err(meridian_replication::core::ProtocolError::UnexpectedMessage("batch or forward on the subscription stream").into());
+                    return Err(meridian_replication::protocol::ProtocolError::UnexpectedMessage("batch or forward on the subscription stream").into());
                 }
             },
             _ = commits.changed() => {}

@@ -6,9 +6,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use meridian_replication::core::{Inbound, check_hello, plan_batch, shared_classes};
+use meridian_replication::backoff::Backoff;
+use meridian_replication::protocol::{Inbound, check_hello, plan_batch};
+use meridian_replication::version::{ms_from_ntp64, ntp64_from_ms, seconds_from_ntp64};
 use meridian_replication::wire::Message;
 use tokio::sync::watch;
 
@@ -20,11 +22,6 @@ use crate::config::NodeConfig;
 use crate::engine::ApplyStats;
 use crate::observe::metrics::{PeerLink, PeerRegion};
 
-fn jitter(base: Duration) -> Duration {
-    let spread = (base.as_millis() as u64 / 2).max(1);
-    Duration::from_millis(random_u64() % spread)
-}
-
 /// Random bits to spread the reconnects of many links: no cryptographic quality is needed, and
 /// no clock is read (each `RandomState` is keyed afresh).
 fn random_u64() -> u64 {
@@ -34,11 +31,6 @@ fn random_u64() -> u64 {
         .finish()
 }
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// A peer that is down is dialled about this often (plus jitter). Low, because the time from a
-/// healed partition to the redial is part of every catch-up (a cut longer than QUIC's idle
-/// timeout ends the links), and a dial to a handful of peers every two seconds costs nothing.
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Received batches waiting to be applied on one link; beyond it, the reader stops reading and
 /// QUIC's stream flow control holds the sender back.
 const INBOUND_QUEUE_BATCHES: usize = 8;
@@ -50,7 +42,7 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
     let engine = &ctx.engine;
     let mut shutdown = ctx.shutdown.clone();
     let mut reachable = ctx.reachable.get(&peer.id).map(watch::Sender::subscribe);
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new();
     let mut last_error: Option<String> = None;
     let link = PeerLink::inbound(&peer.id, &peer.region);
     loop {
@@ -75,19 +67,19 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
         });
         match result {
             Ok(()) => {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 last_error = None;
             }
             Err(LinkError::PeerReachedUs) => {
                 tracing::info!(peer = %peer.id, "peer reached this node while a dial to it was pending; dialling again now");
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 continue;
             }
             Err(e) if peer_said_goodbye(&e).is_some() => {
                 let reason = peer_said_goodbye(&e).unwrap_or_default();
                 // A peer that says goodbye (shutdown, connection age) is not a failure.
                 tracing::info!(peer = %peer.id, %reason, "peer closed the link; reconnecting");
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 last_error = None;
             }
             Err(e) => {
@@ -104,16 +96,13 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
                 ctx.peers
                     .update(&peer.id, |s| s.last_error = Some(text.clone()));
                 last_error = Some(text);
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff = BACKOFF_MIN;
-                }
+                backoff.failed_after(started.elapsed());
             }
         }
-        let wait = backoff + jitter(backoff);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        let wait = backoff.next_wait(random_u64());
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = peer_reached_us(reachable.as_mut()) => backoff = BACKOFF_MIN,
+            () = peer_reached_us(reachable.as_mut()) => backoff.reset(),
             _ = shutdown.changed() => {}
         }
     }
@@ -148,7 +137,7 @@ async fn subscribe_once(
         _ = stop.changed() => return Ok(()),
     };
     let (mut send, mut recv) = conn.open_bi().await?;
-    let shared = shared_classes(policy, &engine.region, &peer.region);
+    let shared = policy.shared_classes(&engine.region, &peer.region);
     let frontier = engine.store().frontier()?.restricted_to(&shared);
     write_msg(&mut send, &hello(engine, &frontier)).await?;
     let their_hello = read_msg(&mut recv).await?;
@@ -187,7 +176,7 @@ async fn subscribe_once(
         }
     });
     let _reader = AbortOnDrop(reader);
-    let max_drift_ntp64 = ((u128::from(engine.topology.clock.max_drift_ms) << 32) / 1000) as u64;
+    let max_drift_ntp64 = ntp64_from_ms(engine.topology.clock.max_drift_ms);
     // At most one batch commits while the next is received and merged; its acknowledgements
     // are sent once it is durable.
     let mut in_flight: Option<CommitInFlight> = None;
@@ -311,12 +300,13 @@ async fn subscribe_once(
             Some(Ok(Message::Batch { .. })) => {}
             Some(Ok(Message::Hello { .. })) => {
                 return Err(
-                    meridian_replication::core::ProtocolError::UnexpectedMessage("hello").into(),
+                    meridian_replication::protocol::ProtocolError::UnexpectedMessage("hello")
+                        .into(),
                 );
             }
             Some(Ok(Message::Ack { .. } | Message::Forward { .. } | Message::Forwarded { .. })) => {
                 return Err(
-                    meridian_replication::core::ProtocolError::UnexpectedMessage(
+                    meridian_replication::protocol::ProtocolError::UnexpectedMessage(
                         "ack or forward on the subscription stream",
                     )
                     .into(),
@@ -391,19 +381,11 @@ async fn finish_commit(
             .inc_by(stats.quarantined as u64);
     }
     let now_ms = unix_ms();
-    let lag_ms = newest_accepted.map(|hlc| {
-        let origin_ms = meridian_replication::Version {
-            time_ntp64: hlc,
-            node_hlc_id: 0,
-        }
-        .unix_ms();
-        now_ms.saturating_sub(origin_ms)
-    });
+    let lag_ms = newest_accepted.map(|hlc| now_ms.saturating_sub(ms_from_ntp64(hlc)));
     let lag_hist = engine.metrics.apply_lag_seconds.get_or_create(region_label);
     let now_ntp64 = engine.clock.now().time_ntp64;
     for hlc in &accepted_hlcs {
-        // NTP64: upper 32 bits seconds, lower 32 bits fraction.
-        lag_hist.observe(now_ntp64.saturating_sub(*hlc) as f64 / 4_294_967_296.0);
+        lag_hist.observe(seconds_from_ntp64(now_ntp64.saturating_sub(*hlc)));
     }
     drop(lag_hist);
     if let Some(lag) = lag_ms {
@@ -427,6 +409,7 @@ async fn finish_commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_pending_dial_is_cut_short_only_by_contact_after_it_began() {

@@ -10,7 +10,9 @@ use std::path::Path;
 use meridian_replication::wire::FrontierEntry;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 
-use super::codec::{IdempotentAnswer, Reader, StoredChange, StoredRecord};
+use meridian_replication::codec::Reader;
+
+use super::codec::{IdempotentAnswer, StoredChange, StoredRecord};
 use super::commit_log::{CommitLog, LoggedBatch};
 use super::{
     CHANGES, FRONTIER, IDEMPOTENCY, META, META_LOG_SEQ, PENDING, RECORDS, StoreError, corrupt,
@@ -255,11 +257,11 @@ pub(super) fn encode_batch<'a>(
     Ok(out)
 }
 pub(super) fn decode_batch(bytes: &[u8]) -> Result<(Vec<WriteItem>, Vec<FrontierEntry>), String> {
-    let mut r = Reader { bytes, at: 0 };
+    let mut r = Reader::new(bytes);
     let n = r.count(2 + 1 + 4 + 1 + 4 + 4)?;
     let mut items = Vec::with_capacity(n);
     for _ in 0..n {
-        let key = r.str16()?;
+        let key = r.str16()?.to_string();
         let record = match r.u8()? {
             0 => None,
             _ => Some(StoredRecord::decode(r.bytes32()?)?),
@@ -267,22 +269,22 @@ pub(super) fn decode_batch(bytes: &[u8]) -> Result<(Vec<WriteItem>, Vec<Frontier
         let logs = r.count(2 + 8 + 4)?;
         let mut log = Vec::with_capacity(logs);
         for _ in 0..logs {
-            let origin = r.str16()?;
-            let hlc = r.u64()?;
+            let origin = r.str16()?.to_string();
+            let hlc = r.u64_be()?;
             log.push((origin, hlc, r.bytes32()?.to_vec()));
         }
         let idempotency = match r.u8()? {
             0 => None,
             _ => {
-                let key = r.str16()?;
+                let key = r.str16()?.to_string();
                 Some((key, IdempotentAnswer::decode(r.bytes32()?)?))
             }
         };
         let puts = r.count(2 + 8 + 1 + 4)?;
         let mut pending_put = Vec::with_capacity(puts);
         for _ in 0..puts {
-            let origin = r.str16()?;
-            let hlc = r.u64()?;
+            let origin = r.str16()?.to_string();
+            let hlc = r.u64_be()?;
             let reason = r.u8()?;
             let reason = PendingReason::from_byte(reason)
                 .ok_or_else(|| format!("unknown pending reason {reason}"))?;
@@ -296,8 +298,8 @@ pub(super) fn decode_batch(bytes: &[u8]) -> Result<(Vec<WriteItem>, Vec<Frontier
         let removes = r.count(2 + 8)?;
         let mut pending_remove = Vec::with_capacity(removes);
         for _ in 0..removes {
-            let origin = r.str16()?;
-            pending_remove.push((origin, r.u64()?));
+            let origin = r.str16()?.to_string();
+            pending_remove.push((origin, r.u64_be()?));
         }
         items.push(WriteItem {
             key,
@@ -311,15 +313,15 @@ pub(super) fn decode_batch(bytes: &[u8]) -> Result<(Vec<WriteItem>, Vec<Frontier
     let n = r.count(2 + 2 + 8)?;
     let mut frontier = Vec::with_capacity(n);
     for _ in 0..n {
-        let origin = r.str16()?;
-        let class = r.str16()?;
+        let origin = r.str16()?.to_string();
+        let class = r.str16()?.to_string();
         frontier.push(FrontierEntry {
             origin,
             class,
-            hlc: r.u64()?,
+            hlc: r.u64_be()?,
         });
     }
-    if r.at != bytes.len() {
+    if !r.is_at_end() {
         return Err("trailing bytes".into());
     }
     Ok((items, frontier))

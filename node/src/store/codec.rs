@@ -4,6 +4,7 @@
 //! corrupt, never a panic.
 
 use meridian_replication::Version;
+use meridian_replication::codec::Reader;
 
 /// A record as stored: everything a read needs without loading the automerge document.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,7 +44,7 @@ impl StoredRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader { bytes, at: 0 };
+        let mut r = Reader::new(bytes);
         if r.u8()? != RECORD_MAGIC {
             return Err("bad magic byte".into());
         }
@@ -53,18 +54,18 @@ impl StoredRecord {
         }
         let live = r.u8()? != 0;
         let version = Version {
-            time_ntp64: r.u64()?,
-            node_hlc_id: r.u64()?,
+            time_ntp64: r.u64_be()?,
+            node_hlc_id: r.u64_be()?,
         };
-        let home_len = r.u16()? as usize;
+        let home_len = r.u16_be()? as usize;
         let home = std::str::from_utf8(r.take(home_len)?)
             .map_err(|_| "home region is not UTF-8".to_string())?;
-        let appended_changes = r.u32()?;
-        let view_len = r.u32()? as usize;
+        let appended_changes = r.u32_be()?;
+        let view_len = r.u32_be()? as usize;
         let view_json = r.take(view_len)?.to_vec();
-        let doc_len = r.u32()? as usize;
+        let doc_len = r.u32_be()? as usize;
         let doc = r.take(doc_len)?.to_vec();
-        if r.at != bytes.len() {
+        if !r.is_at_end() {
             return Err("trailing bytes".into());
         }
         Ok(StoredRecord {
@@ -78,64 +79,6 @@ impl StoredRecord {
     }
 }
 
-/// A bounds-checked reader over a stored value.
-pub(super) struct Reader<'a> {
-    pub(super) bytes: &'a [u8],
-    pub(super) at: usize,
-}
-
-impl<'a> Reader<'a> {
-    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or_else(|| format!("truncated: wanted {n} bytes at offset {}", self.at))?;
-        let slice = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(slice)
-    }
-    pub(super) fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-    pub(super) fn u16(&mut self) -> Result<u16, String> {
-        let mut b = [0u8; 2];
-        b.copy_from_slice(self.take(2)?);
-        Ok(u16::from_be_bytes(b))
-    }
-    pub(super) fn u32(&mut self) -> Result<u32, String> {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(self.take(4)?);
-        Ok(u32::from_be_bytes(b))
-    }
-    pub(super) fn u64(&mut self) -> Result<u64, String> {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(self.take(8)?);
-        Ok(u64::from_be_bytes(b))
-    }
-}
-impl Reader<'_> {
-    pub(super) fn str16(&mut self) -> Result<String, String> {
-        let len = self.u16()? as usize;
-        std::str::from_utf8(self.take(len)?)
-            .map(str::to_string)
-            .map_err(|_| "string is not UTF-8".to_string())
-    }
-    pub(super) fn bytes32(&mut self) -> Result<&[u8], String> {
-        let len = self.u32()? as usize;
-        self.take(len)
-    }
-    /// A count of elements that take at least `min_bytes` each: checked against what is left
-    /// before anything is allocated for them.
-    pub(super) fn count(&mut self, min_bytes: usize) -> Result<usize, String> {
-        let n = self.u32()? as usize;
-        let left = self.bytes.len() - self.at;
-        if n.saturating_mul(min_bytes) > left {
-            return Err(format!("{n} elements cannot fit in {left} bytes"));
-        }
-        Ok(n)
-    }
-}
 /// One entry of an origin's change log.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredChange {
@@ -153,14 +96,14 @@ impl StoredChange {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader { bytes, at: 0 };
-        let len = r.u16()? as usize;
+        let mut r = Reader::new(bytes);
+        let len = r.u16_be()? as usize;
         let key = std::str::from_utf8(r.take(len)?)
             .map_err(|_| "log entry key is not UTF-8".to_string())?
             .to_string();
         Ok(StoredChange {
             key,
-            change: bytes[r.at..].to_vec(),
+            change: r.rest().to_vec(),
         })
     }
 }
@@ -186,16 +129,16 @@ impl IdempotentAnswer {
     }
 
     pub(super) fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader { bytes, at: 0 };
+        let mut r = Reader::new(bytes);
         let mut fingerprint = [0u8; 32];
         fingerprint.copy_from_slice(r.take(32)?);
-        let created_unix_ms = r.u64()?;
-        let status = r.u16()?;
+        let created_unix_ms = r.u64_be()?;
+        let status = r.u16_be()?;
         Ok(IdempotentAnswer {
             fingerprint,
             created_unix_ms,
             status,
-            body: bytes[r.at..].to_vec(),
+            body: r.rest().to_vec(),
         })
     }
 }

@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use meridian_replication::Version;
-use meridian_replication::core::Frontier;
+use meridian_replication::protocol::Frontier;
 use meridian_replication::wire::FrontierEntry;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 

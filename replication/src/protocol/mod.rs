@@ -44,30 +44,11 @@ pub mod inbound;
 pub mod outbound;
 pub mod plan;
 
-use meridian_residency::Policy;
-
 pub use frontier::Frontier;
 pub use hello::check_hello;
 pub use inbound::Inbound;
 pub use outbound::{ChangeSource, LogEntry, Outbound, StreamLimits};
 pub use plan::{Accepted, Plan, plan_batch};
-
-/// The residency class of a key: `""` for global records, else the pinning rule's name.
-/// Same as [`Policy::class_of`], which is the canonical form.
-pub fn class_of<'p>(policy: &'p Policy, key: &str) -> &'p str {
-    policy.class_of(key)
-}
-
-/// May `region` hold records of `class`? Same as [`Policy::class_holdable`].
-pub fn class_holdable(policy: &Policy, class: &str, region: &str) -> bool {
-    policy.class_holdable(class, region)
-}
-
-/// The classes two regions may both hold: what may flow on a link between them. Same as
-/// [`Policy::shared_classes`].
-pub fn shared_classes(policy: &Policy, a: &str, b: &str) -> Vec<String> {
-    policy.shared_classes(a, b)
-}
 
 /// Why a link breaks: the peer said or did something the protocol does not allow.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

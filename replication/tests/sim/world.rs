@@ -16,9 +16,8 @@ use std::ops::Bound;
 
 use automerge::ActorId;
 use meridian_replication::backoff::Backoff;
-use meridian_replication::core::{
-    ChangeSource, Frontier, Inbound, LogEntry, Outbound, StreamLimits, check_hello, class_of,
-    plan_batch,
+use meridian_replication::protocol::{
+    ChangeSource, Frontier, Inbound, LogEntry, Outbound, StreamLimits, check_hello, plan_batch,
 };
 use meridian_replication::version::ntp64_from_ms;
 use meridian_replication::wire::{FrontierEntry, Message, PROTOCOL_VERSION, WireChange};
@@ -210,7 +209,7 @@ impl World {
             .chain(&COUNTER_KEYS)
             .chain(&P_KEYS)
             .chain(&Q_KEYS)
-            .map(|k| (*k, class_of(&policy, k).to_string()))
+            .map(|k| (*k, policy.class_of(k).to_string()))
             .collect();
         World {
             classes,

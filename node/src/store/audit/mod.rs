@@ -19,6 +19,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use meridian_replication::codec::Reader;
 use meridian_residency::{Placement, Policy, Rule};
 use redb::{ReadOnlyDatabase, ReadTransaction, ReadableDatabase, TableDefinition, TableError};
 use serde::Serialize;
@@ -395,14 +396,14 @@ impl<'p> Tally<'p> {
 
 /// The key of an encoded change-log entry, without copying the change.
 fn log_entry_key(bytes: &[u8]) -> Result<&str, String> {
-    let len_bytes: [u8; 2] = bytes
-        .get(..2)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| "truncated: no key length".to_owned())?;
-    let len = usize::from(u16::from_be_bytes(len_bytes));
-    let key = bytes
-        .get(2..2 + len)
-        .ok_or_else(|| format!("truncated: key of {len} bytes announced"))?;
+    let mut r = Reader::new(bytes);
+    let len = usize::from(
+        r.u16_be()
+            .map_err(|_| "truncated: no key length".to_owned())?,
+    );
+    let key = r
+        .take(len)
+        .map_err(|_| format!("truncated: key of {len} bytes announced"))?;
     std::str::from_utf8(key).map_err(|_| "log entry key is not UTF-8".to_owned())
 }
 

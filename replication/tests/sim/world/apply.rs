@@ -105,7 +105,7 @@ impl World {
     pub(super) fn class<'a>(&'a self, key: &str) -> &'a str {
         match self.classes.get(key) {
             Some(c) => c,
-            None => class_of(&self.policy, key),
+            None => self.policy.class_of(key),
         }
     }
 
