@@ -7,13 +7,12 @@
 //!
 //! Timing assertions are lower bounds only; everything else polls with generous deadlines.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meridian_harness::{NodeProcess, fixture, wait_ready};
 use meridian_node::proxy::{
     DirectionSel, Emulator, EmulatorOptions, LinkInfo, LinkSpec, SettingsUpdate,
 };
@@ -589,7 +588,7 @@ async fn control_api_reads_changes_and_validates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = common::two_region_topology("proxy-test", &[("eu-1", "us-1"), ("us-1", "eu-1")]);
+    let text = fixture::two_region_topology("proxy-test", &[("eu-1", "us-1"), ("us-1", "eu-1")]);
     let path = dir.path().join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
     let topology = meridian_node::topology::Topology::load(&path).expect("valid topology");
@@ -598,14 +597,14 @@ async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
     let emu = Emulator::start(&topology, EmulatorOptions::default())
         .await
         .expect("start emulator");
-    let eu = common::NodeProcess::spawn(
+    let eu = NodeProcess::spawn(
         &path,
         "eu-1",
         &dir.path().join("data-eu"),
         topology.node("eu-1").expect("eu").api,
         &[],
     );
-    let us = common::NodeProcess::spawn(
+    let us = NodeProcess::spawn(
         &path,
         "us-1",
         &dir.path().join("data-us"),
@@ -618,7 +617,7 @@ async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
         .expect("client");
     for node in [&eu, &us] {
         assert!(
-            common::wait_ready(&http, &node.url("/readyz"), DEADLINE).await,
+            wait_ready(&http, &node.url("/readyz"), DEADLINE).await,
             "node not ready; log:\n{}",
             node.log_text()
         );
@@ -758,7 +757,7 @@ async fn clients_are_bounded_and_idle_ones_evicted() {
 async fn cli_runs_the_emulator_until_sigterm() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = common::two_region_topology("proxy-cli", &[("eu-1", "us-1")]);
+    let text = fixture::two_region_topology("proxy-cli", &[("eu-1", "us-1")]);
     let path = dir.path().join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
     let topology = meridian_node::topology::Topology::load(&path).expect("valid topology");
