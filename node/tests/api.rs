@@ -1,20 +1,17 @@
 //! The HTTP API of SPEC §5 against a real server on a port-0 listener, with a real redb file.
 
-mod common;
-
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meridian_harness::{ApiClient, fixture, metric, wait_ready};
 use meridian_node::config::Topology;
 use meridian_node::server;
-use reqwest::{Client, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 struct TestNode {
-    addr: SocketAddr,
-    client: Client,
+    api: ApiClient,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), server::ServeError>>>,
     _dir: tempfile::TempDir,
@@ -27,7 +24,7 @@ impl TestNode {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let topo_path = common::write_topology(dir.path(), addr.port());
+        let topo_path = fixture::write_topology(dir.path(), addr.port());
         let topology = Arc::new(Topology::load(&topo_path).expect("topology"));
         let data = dir.path().join("data");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -45,66 +42,21 @@ impl TestNode {
             .await
         });
         let node = TestNode {
-            addr,
-            client: Client::new(),
+            api: ApiClient::new(format!("http://{addr}")),
             stop: Some(stop),
             task: Some(task),
             _dir: dir,
         };
         assert!(
-            common::wait_ready(&node.client, &node.url("/readyz"), Duration::from_secs(30)).await,
+            wait_ready(
+                node.api.http(),
+                &node.api.url("/readyz"),
+                Duration::from_secs(30)
+            )
+            .await,
             "node did not become ready"
         );
         node
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut req = self.client.request(method, self.url(path));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status();
-        let text = resp.text().await.expect("body");
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, value)
-    }
-
-    async fn put(&self, key: &str, body: Value) -> (StatusCode, Value) {
-        self.call(reqwest::Method::PUT, &format!("/v1/kv/{key}"), Some(body))
-            .await
-    }
-
-    async fn get(&self, key: &str) -> (StatusCode, Value) {
-        self.call(reqwest::Method::GET, &format!("/v1/kv/{key}"), None)
-            .await
-    }
-
-    async fn raw(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
-        let resp = self
-            .client
-            .request(method, self.url(path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("request");
-        let status = resp.status();
-        let value = resp.json::<Value>().await.unwrap_or(Value::Null);
-        (status, value)
     }
 
     async fn stop(mut self) {
@@ -130,6 +82,7 @@ fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_kind: &
 async fn put_get_patch_incr_delete() {
     let node = TestNode::start().await;
     let (s, put) = node
+        .api
         .put(
             "users/eu/42",
             json!({"name": "Ada", "tags": ["x"], "n": 1.5}),
@@ -145,7 +98,7 @@ async fn put_get_patch_incr_delete() {
     );
     let v1 = put["version"].as_str().expect("version").to_string();
 
-    let (s, got) = node.get("users/eu/42").await;
+    let (s, got) = node.api.get("users/eu/42").await;
     assert_eq!(s, 200);
     assert_eq!(
         got["value"],
@@ -158,76 +111,60 @@ async fn put_get_patch_incr_delete() {
     );
 
     // PUT replaces: fields left out are removed.
-    let (_, put2) = node.put("users/eu/42", json!({"name": "Ada L."})).await;
+    let (_, put2) = node.api.put("users/eu/42", json!({"name": "Ada L."})).await;
     let v2 = put2["version"].as_str().expect("version").to_string();
     assert!(v2 > v1, "versions from one node grow: {v1} then {v2}");
     assert_eq!(
-        node.get("users/eu/42").await.1["value"],
+        node.api.get("users/eu/42").await.1["value"],
         json!({"name": "Ada L."})
     );
 
     // PATCH is a merge patch.
     let (s, _) = node
-        .call(
-            reqwest::Method::PATCH,
-            "/v1/kv/users/eu/42",
-            Some(json!({"email": "a@b", "name": null})),
-        )
+        .api
+        .patch("users/eu/42", json!({"email": "a@b", "name": null}))
         .await;
     assert_eq!(s, 200);
     assert_eq!(
-        node.get("users/eu/42").await.1["value"],
+        node.api.get("users/eu/42").await.1["value"],
         json!({"email": "a@b"})
     );
 
     // Counters.
     for by in [1, 2, 3] {
         let (s, b) = node
-            .call(
-                reqwest::Method::POST,
-                "/v1/kv/users/eu/42/incr",
-                Some(json!({"field": "visits", "by": by})),
-            )
+            .api
+            .incr("users/eu/42", json!({"field": "visits", "by": by}))
             .await;
         assert_eq!(s, 200, "{b}");
     }
     let (s, _) = node
-        .call(
-            reqwest::Method::POST,
-            "/v1/kv/users/eu/42/incr",
-            Some(json!({"field": "visits"})),
-        )
+        .api
+        .incr("users/eu/42", json!({"field": "visits"}))
         .await;
     assert_eq!(s, 200, "by defaults to 1");
-    assert_eq!(node.get("users/eu/42").await.1["value"]["visits"], json!(7));
+    assert_eq!(
+        node.api.get("users/eu/42").await.1["value"]["visits"],
+        json!(7)
+    );
     let (s, b) = node
-        .call(
-            reqwest::Method::POST,
-            "/v1/kv/users/eu/42/incr",
-            Some(json!({"field": "email", "by": 1})),
-        )
+        .api
+        .incr("users/eu/42", json!({"field": "email", "by": 1}))
         .await;
     assert_error(s, &b, 409, "not_a_counter");
     let (s, b) = node
-        .call(
-            reqwest::Method::POST,
-            "/v1/kv/users/eu/42/incr",
-            Some(json!({"field": "visits", "by": "x"})),
-        )
+        .api
+        .incr("users/eu/42", json!({"field": "visits", "by": "x"}))
         .await;
     assert_error(s, &b, 400, "invalid_request");
 
     // DELETE.
-    let (s, del) = node
-        .call(reqwest::Method::DELETE, "/v1/kv/users/eu/42", None)
-        .await;
+    let (s, del) = node.api.delete("users/eu/42").await;
     assert_eq!(s, 200, "{del}");
     assert!(del["version"].as_str().is_some());
-    let (s, b) = node.get("users/eu/42").await;
+    let (s, b) = node.api.get("users/eu/42").await;
     assert_error(s, &b, 404, "not_found");
-    let (s, b) = node
-        .call(reqwest::Method::DELETE, "/v1/kv/users/eu/42", None)
-        .await;
+    let (s, b) = node.api.delete("users/eu/42").await;
     assert_error(s, &b, 404, "not_found");
     node.stop().await;
 }
@@ -235,20 +172,20 @@ async fn put_get_patch_incr_delete() {
 #[tokio::test]
 async fn keys_are_percent_decoded_and_validated() {
     let node = TestNode::start().await;
-    let (s, b) = node.put("a%20b/c%2Fd", json!({"x": 1})).await;
+    let (s, b) = node.api.put("a%20b/c%2Fd", json!({"x": 1})).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["key"], "a b/c/d");
-    assert_eq!(node.get("a%20b/c/d").await.0, 200);
+    assert_eq!(node.api.get("a%20b/c/d").await.0, 200);
 
     let max = "k".repeat(512);
-    assert_eq!(node.put(&max, json!({})).await.0, 200);
-    let (s, b) = node.put(&"k".repeat(513), json!({})).await;
+    assert_eq!(node.api.put(&max, json!({})).await.0, 200);
+    let (s, b) = node.api.put(&"k".repeat(513), json!({})).await;
     assert_error(s, &b, 400, "invalid_key");
-    let (s, b) = node.put("bad%01key", json!({})).await;
+    let (s, b) = node.api.put("bad%01key", json!({})).await;
     assert_error(s, &b, 400, "invalid_key");
-    let (s, b) = node.put("bad%FFutf8", json!({})).await;
+    let (s, b) = node.api.put("bad%FFutf8", json!({})).await;
     assert_error(s, &b, 400, "invalid_key");
-    let (s, b) = node.get("bad%0A").await;
+    let (s, b) = node.api.get("bad%0A").await;
     assert_error(s, &b, 400, "invalid_key");
     node.stop().await;
 }
@@ -256,76 +193,41 @@ async fn keys_are_percent_decoded_and_validated() {
 #[tokio::test]
 async fn bad_input_is_refused_and_leaves_data_untouched() {
     let node = TestNode::start().await;
-    node.put("doc", json!({"keep": true})).await;
-    let before = node.get("doc").await.1;
+    node.api.put("doc", json!({"keep": true})).await;
+    let before = node.api.get("doc").await.1;
 
-    let cases: Vec<(reqwest::Method, &str, Vec<u8>, u16, &str)> = vec![
+    // Each refused with 400 and the error kind named.
+    let doc = "/v1/kv/doc";
+    let incr = "/v1/kv/doc/incr";
+    let cases: [(Method, &str, &[u8], &str); 8] = [
+        (Method::PUT, doc, b"{not json", "invalid_json"),
+        (Method::PUT, doc, b"[1,2]", "not_an_object"),
+        (Method::PUT, doc, b"\"str\"", "not_an_object"),
+        (Method::PATCH, doc, b"null", "not_an_object"),
+        (Method::PUT, doc, b"{\"\xff\xfe\":1}", "invalid_json"),
+        (Method::PUT, doc, b"", "invalid_json"),
         (
-            reqwest::Method::PUT,
-            "/v1/kv/doc",
-            b"{not json".to_vec(),
-            400,
-            "invalid_json",
-        ),
-        (
-            reqwest::Method::PUT,
-            "/v1/kv/doc",
-            b"[1,2]".to_vec(),
-            400,
-            "not_an_object",
-        ),
-        (
-            reqwest::Method::PUT,
-            "/v1/kv/doc",
-            b"\"str\"".to_vec(),
-            400,
-            "not_an_object",
-        ),
-        (
-            reqwest::Method::PATCH,
-            "/v1/kv/doc",
-            b"null".to_vec(),
-            400,
-            "not_an_object",
-        ),
-        (
-            reqwest::Method::PUT,
-            "/v1/kv/doc",
-            vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'],
-            400,
-            "invalid_json",
-        ),
-        (
-            reqwest::Method::PUT,
-            "/v1/kv/doc",
-            b"".to_vec(),
-            400,
-            "invalid_json",
-        ),
-        (
-            reqwest::Method::POST,
-            "/v1/kv/doc/incr",
-            b"{\"field\": \"n\", \"extra\": 1}".to_vec(),
-            400,
+            Method::POST,
+            incr,
+            br#"{"field": "n", "extra": 1}"#,
             "invalid_request",
         ),
         (
-            reqwest::Method::POST,
-            "/v1/kv/doc/incr",
-            b"{\"field\": \"n\", \"by\": 1e40}".to_vec(),
-            400,
+            Method::POST,
+            incr,
+            br#"{"field": "n", "by": 1e40}"#,
             "invalid_request",
         ),
     ];
-    for (method, path, body, status, kind) in cases {
-        let (s, b) = node.raw(method.clone(), path, body.clone()).await;
+    for (method, path, body, kind) in cases {
+        let (s, b) = node.api.raw(method.clone(), path, body.to_vec()).await;
         assert_eq!(
             s.as_u16(),
-            status,
+            400,
             "{method} {path} {:?}: {b}",
-            String::from_utf8_lossy(&body)
+            String::from_utf8_lossy(body)
         );
-        assert_error(s, &b, status, kind);
+        assert_error(s, &b, 400, kind);
     }
 
     // 33 levels: one too deep. 32 is accepted.
@@ -336,52 +238,48 @@ async fn bad_input_is_refused_and_leaves_data_untouched() {
         }
         v
     };
-    let (s, b) = node.put("doc", nest(33)).await;
+    let (s, b) = node.api.put("doc", nest(33)).await;
     assert_error(s, &b, 400, "too_deep");
     // Far deeper than serde_json's own recursion limit must still be a clean 400.
     let hostile = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
     let (s, b) = node
-        .raw(reqwest::Method::PUT, "/v1/kv/doc", hostile.into_bytes())
+        .api
+        .raw(Method::PUT, "/v1/kv/doc", hostile.into_bytes())
         .await;
     assert_eq!(s, 400, "{b}");
 
     // Over 1 MiB.
     let big = format!("{{\"blob\": \"{}\"}}", "x".repeat((1 << 20) + 10));
     let (s, b) = node
-        .raw(reqwest::Method::PUT, "/v1/kv/doc", big.into_bytes())
+        .api
+        .raw(Method::PUT, "/v1/kv/doc", big.into_bytes())
         .await;
     assert_error(s, &b, 413, "body_too_large");
 
     assert_eq!(
-        node.get("doc").await.1,
+        node.api.get("doc").await.1,
         before,
         "refused writes changed nothing"
     );
-    assert_eq!(node.put("deep-ok", nest(32)).await.0, 200);
+    assert_eq!(node.api.put("deep-ok", nest(32)).await.0, 200);
 
     // Unknown paths and wrong methods.
-    let (s, b) = node.call(reqwest::Method::GET, "/v2/nothing", None).await;
+    let (s, b) = node.api.call(Method::GET, "/v2/nothing", None).await;
     assert_error(s, &b, 404, "not_found");
     let (s, b) = node
-        .call(reqwest::Method::POST, "/v1/kv/doc", Some(json!({})))
+        .api
+        .call(Method::POST, "/v1/kv/doc", Some(json!({})))
         .await;
     assert_error(s, &b, 405, "method_not_allowed");
-    let (s, b) = node.call(reqwest::Method::DELETE, "/healthz", None).await;
+    let (s, b) = node.api.call(Method::DELETE, "/healthz", None).await;
     assert_error(s, &b, 405, "method_not_allowed");
-    let (s, b) = node
-        .call(reqwest::Method::GET, "/v1/kv?limit=0", None)
-        .await;
+    let (s, b) = node.api.call(Method::GET, "/v1/kv?limit=0", None).await;
     assert_error(s, &b, 400, "invalid_query");
-    let (s, b) = node
-        .call(reqwest::Method::GET, "/v1/kv?bogus=1", None)
-        .await;
+    let (s, b) = node.api.call(Method::GET, "/v1/kv?bogus=1", None).await;
     assert_error(s, &b, 400, "invalid_query");
 
     // The node is still healthy after all of it.
-    assert_eq!(
-        node.call(reqwest::Method::GET, "/healthz", None).await.0,
-        200
-    );
+    assert_eq!(node.api.call(Method::GET, "/healthz", None).await.0, 200);
     node.stop().await;
 }
 
@@ -390,8 +288,9 @@ async fn idempotency_key_replays_the_first_answer_and_refuses_reuse() {
     let node = TestNode::start().await;
     let send = |key: &'static str, body: Value| {
         let req = node
-            .client
-            .post(node.url("/v1/kv/ctr/incr"))
+            .api
+            .http()
+            .post(node.api.url("/v1/kv/ctr/incr"))
             .header("Idempotency-Key", key)
             .json(&body);
         async move {
@@ -407,13 +306,13 @@ async fn idempotency_key_replays_the_first_answer_and_refuses_reuse() {
     assert_eq!((s2.as_u16(), r2), (200, true));
     assert_eq!(first, second, "a retry returns the first answer");
     assert_eq!(
-        node.get("ctr").await.1["value"]["n"],
+        node.api.get("ctr").await.1["value"]["n"],
         json!(5),
         "applied once"
     );
     let (s3, _, b3) = send("abc-1", json!({"field": "n", "by": 6})).await;
     assert_error(s3, &b3, 422, "idempotency_key_reused");
-    assert_eq!(node.get("ctr").await.1["value"]["n"], json!(5));
+    assert_eq!(node.api.get("ctr").await.1["value"]["n"], json!(5));
     node.stop().await;
 }
 
@@ -421,12 +320,13 @@ async fn idempotency_key_replays_the_first_answer_and_refuses_reuse() {
 async fn list_pages_in_key_order_and_skips_deleted() {
     let node = TestNode::start().await;
     for i in 0..7 {
-        node.put(&format!("p/{i}"), json!({"i": i})).await;
+        node.api.put(&format!("p/{i}"), json!({"i": i})).await;
     }
-    node.put("q/other", json!({})).await;
-    node.call(reqwest::Method::DELETE, "/v1/kv/p/3", None).await;
+    node.api.put("q/other", json!({})).await;
+    node.api.delete("p/3").await;
     let (s, page1) = node
-        .call(reqwest::Method::GET, "/v1/kv?prefix=p/&limit=4", None)
+        .api
+        .call(Method::GET, "/v1/kv?prefix=p/&limit=4", None)
         .await;
     assert_eq!(s, 200);
     let keys = |page: &Value| -> Vec<String> {
@@ -441,15 +341,12 @@ async fn list_pages_in_key_order_and_skips_deleted() {
     assert_eq!(page1["next"], "p/4");
     assert_eq!(page1["items"][0]["value"], json!({"i": 0}));
     let (_, page2) = node
-        .call(
-            reqwest::Method::GET,
-            "/v1/kv?prefix=p/&limit=4&after=p/4",
-            None,
-        )
+        .api
+        .call(Method::GET, "/v1/kv?prefix=p/&limit=4&after=p/4", None)
         .await;
     assert_eq!(keys(&page2), ["p/5", "p/6"]);
     assert_eq!(page2["next"], Value::Null);
-    let (_, all) = node.call(reqwest::Method::GET, "/v1/kv", None).await;
+    let (_, all) = node.api.call(Method::GET, "/v1/kv", None).await;
     assert_eq!(keys(&all).len(), 7);
     node.stop().await;
 }
@@ -457,15 +354,15 @@ async fn list_pages_in_key_order_and_skips_deleted() {
 #[tokio::test]
 async fn residency_rules_refuse_records_of_other_regions() {
     let node = TestNode::start().await;
-    let (s, b) = node.put("users/us/1", json!({"a": 1})).await;
+    let (s, b) = node.api.put("users/us/1", json!({"a": 1})).await;
     assert_error(s, &b, 421, "misdirected");
     assert_eq!(b["home_region"], "us-east");
-    let (s, b) = node.get("users/us/1").await;
+    let (s, b) = node.api.get("users/us/1").await;
     assert_error(s, &b, 421, "misdirected");
     // Forwarding needs a reachable node of the home region; none is.
-    let (s, b) = node.put("users/ap/1", json!({"a": 1})).await;
+    let (s, b) = node.api.put("users/ap/1", json!({"a": 1})).await;
     assert_error(s, &b, 503, "home_region_unreachable");
-    let (_, all) = node.call(reqwest::Method::GET, "/v1/kv", None).await;
+    let (_, all) = node.api.call(Method::GET, "/v1/kv", None).await;
     assert_eq!(all["items"], json!([]), "nothing was stored");
     node.stop().await;
 }
@@ -473,31 +370,17 @@ async fn residency_rules_refuse_records_of_other_regions() {
 #[tokio::test]
 async fn status_health_and_metrics() {
     let node = TestNode::start().await;
-    node.put("m", json!({"a": 1})).await;
-    let (s, status) = node.call(reqwest::Method::GET, "/v1/status", None).await;
+    node.api.put("m", json!({"a": 1})).await;
+    let (s, status) = node.api.call(Method::GET, "/v1/status", None).await;
     assert_eq!(s, 200);
     assert_eq!(status["node"], "eu-1");
     assert_eq!(status["region"], "eu-west");
     assert_eq!(status["cluster"], "test");
     assert!(status["hlc"].as_str().is_some());
     assert_eq!(status["peers"][0]["node"], "us-1");
-    assert_eq!(
-        node.call(reqwest::Method::GET, "/healthz", None).await.0,
-        200
-    );
-    assert_eq!(
-        node.call(reqwest::Method::GET, "/readyz", None).await.0,
-        200
-    );
-    let text = node
-        .client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    assert_eq!(node.api.call(Method::GET, "/healthz", None).await.0, 200);
+    assert_eq!(node.api.call(Method::GET, "/readyz", None).await.0, 200);
+    let text = node.api.text("/metrics").await.expect("metrics");
     assert!(
         text.contains("meridian_writes_total{op=\"put\",outcome=\"ok\"} 1"),
         "{text}"
@@ -518,16 +401,11 @@ async fn concurrent_writers_share_commits_and_lose_nothing() {
         tasks.push(tokio::spawn(async move {
             for i in 0..10 {
                 let (s, _) = node
+                    .api
                     .put(&format!("gc/{c}/{i}"), json!({"c": c, "i": i}))
                     .await;
                 assert_eq!(s, 200);
-                let (s, _) = node
-                    .call(
-                        reqwest::Method::POST,
-                        "/v1/kv/hot/incr",
-                        Some(json!({"field": "n"})),
-                    )
-                    .await;
+                let (s, _) = node.api.incr("hot", json!({"field": "n"})).await;
                 assert_eq!(s, 200);
             }
         }));
@@ -536,28 +414,17 @@ async fn concurrent_writers_share_commits_and_lose_nothing() {
         t.await.expect("writer task");
     }
     assert_eq!(
-        node.get("hot").await.1["value"]["n"],
+        node.api.get("hot").await.1["value"]["n"],
         json!(320),
         "every increment counted"
     );
     let (_, all) = node
-        .call(reqwest::Method::GET, "/v1/kv?prefix=gc/&limit=1000", None)
+        .api
+        .call(Method::GET, "/v1/kv?prefix=gc/&limit=1000", None)
         .await;
     assert_eq!(all["items"].as_array().map(Vec::len), Some(320));
-    let text = node
-        .client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let commits: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("meridian_commit_batch_writes_count "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("commit count metric");
+    let text = node.api.text("/metrics").await.expect("metrics");
+    let commits = metric(&text, "meridian_commit_batch_writes_count").expect("commit count metric");
     assert!(
         commits < 640.0,
         "640 writes from 32 clients took {commits} commits: no group commit"

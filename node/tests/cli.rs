@@ -1,20 +1,13 @@
 //! The command line: `topology check`, `dump`, usage errors and exit codes.
 
-mod common;
-
-use std::process::Command;
-use std::time::Duration;
+use meridian_harness::{
+    ApiClient, DEADLINE, NodeProcess, Residency, TopologyText, assert_contains, fixture,
+    free_tcp_port, loopback, run_meridian,
+};
 
 fn meridian(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(args)
-        .output()
-        .expect("run meridian");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let run = run_meridian(args);
+    (run.code.unwrap_or(-1), run.stdout, run.stderr)
 }
 
 #[test]
@@ -26,32 +19,21 @@ fn topology_check_accepts_the_example_and_names_every_broken_field() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        r#"cluster = "demo"
-[tls]
-ca = "certs/ca.pem"
-[[regions]]
-name = "eu-west"
-[[regions]]
-name = "eu-west"
-[[nodes]]
-id = "n1"
-region = "mars"
-peer = "127.0.0.1:7101"
-api = "127.0.0.1:8101"
-[[residency]]
-name = "r"
-keys = "users/*"
-home = "venus"
-"#,
-    )
-    .expect("write");
+    // Two regions of one name, a node in an undeclared region, a rule homed in an
+    // undeclared region.
+    TopologyText::cluster("demo")
+        .tls("certs/ca.pem")
+        .region("eu-west")
+        .region("eu-west")
+        .node("n1", "mars", loopback(7101), loopback(8101))
+        .residency(&Residency::new("r", "users/*", "venus"))
+        .write(&bad);
     let (code, _out, err) = meridian(&["topology", "check", bad.to_str().expect("utf8")]);
     assert_eq!(code, 2, "{err}");
-    for needle in ["regions[1].name", "nodes[0].region", "residency[0].home"] {
-        assert!(err.contains(needle), "missing {needle} in:\n{err}");
-    }
+    assert_contains(
+        &err,
+        &["regions[1].name", "nodes[0].region", "residency[0].home"],
+    );
     assert!(
         err.contains("bad.toml:"),
         "problems carry the file and line: {err}"
@@ -82,34 +64,25 @@ fn usage_errors_exit_2() {
 #[tokio::test]
 async fn dump_lists_what_is_stored() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = common::free_tcp_port();
-    let topology = common::write_topology(dir.path(), port);
+    let port = free_tcp_port();
+    let topology = fixture::write_topology(dir.path(), port);
     let data = dir.path().join("data");
-    let api = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut node =
-        common::NodeProcess::spawn(&topology, "eu-1", &data, api, &["--log-format", "json"]);
-    let client = reqwest::Client::new();
-    assert!(
-        common::wait_ready(&client, &node.url("/readyz"), Duration::from_secs(60)).await,
-        "{}",
-        node.log_text()
+    let mut node = NodeProcess::spawn(
+        &topology,
+        "eu-1",
+        &data,
+        loopback(port),
+        &["--log-format", "json"],
     );
+    let api = ApiClient::new(node.url(""));
+    node.assert_ready(api.http(), DEADLINE).await;
     for key in ["a/1", "a/2", "b"] {
-        let r = client
-            .put(node.url(&format!("/v1/kv/{key}")))
-            .json(&serde_json::json!({"k": key}))
-            .send()
-            .await
-            .expect("put");
-        assert_eq!(r.status(), 200);
+        assert_eq!(api.put(key, serde_json::json!({"k": key})).await.0, 200);
     }
-    client
-        .delete(node.url("/v1/kv/b"))
-        .send()
-        .await
-        .expect("delete");
+    api.delete("b").await;
     node.sigterm();
-    node.wait_exit(Duration::from_secs(30)).expect("exit");
+    node.wait_exit(std::time::Duration::from_secs(30))
+        .expect("exit");
     // JSON log lines carry node and region.
     let log = node.log_text();
     let line = log

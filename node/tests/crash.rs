@@ -2,18 +2,14 @@
 //! shutdown on SIGTERM; versions keep growing after the wall clock steps back; a data
 //! directory refuses to start as another node.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::NodeProcess;
+use meridian_harness::{ApiClient, DEADLINE, NodeProcess, fixture, free_tcp_port, loopback};
 use reqwest::Client;
 use serde_json::{Value, json};
-
-const READY_DEADLINE: Duration = Duration::from_secs(60);
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -23,11 +19,11 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = common::free_tcp_port();
-    let topology = common::write_topology(dir.path(), port);
+    let port = free_tcp_port();
+    let topology = fixture::write_topology(dir.path(), port);
     Setup {
         topology,
-        api: SocketAddr::from(([127, 0, 0, 1], port)),
+        api: loopback(port),
         dir,
     }
 }
@@ -40,13 +36,15 @@ async fn start(s: &Setup, extra: &[&str]) -> NodeProcess {
         s.api,
         extra,
     );
-    let client = Client::new();
-    assert!(
-        common::wait_ready(&client, &node.url("/readyz"), READY_DEADLINE).await,
-        "node did not become ready; log:\n{}",
-        node.log_text()
-    );
+    node.assert_ready(&Client::new(), DEADLINE).await;
     node
+}
+
+/// PUT `body` at `key` on `node`; the version the node acknowledged.
+async fn put_version(node: &NodeProcess, key: &str, body: Value) -> String {
+    let (status, answer) = ApiClient::new(node.url("")).put(key, body).await;
+    assert_eq!(status, 200, "PUT {key}: {answer}");
+    answer["version"].as_str().expect("version").to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,8 +109,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_write() {
     while Instant::now() < stop_at {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    node.child.kill().expect("SIGKILL");
-    let _ = node.child.wait();
+    node.sigkill().expect("SIGKILL");
     for w in writers {
         w.await.expect("writer");
     }
@@ -145,14 +142,10 @@ async fn sigkill_mid_stream_loses_no_acknowledged_write() {
         lost.len(),
         &lost[..lost.len().min(10)]
     );
-    let counter: Value = client
-        .get(node.url("/v1/kv/crash/counter"))
-        .send()
+    let counter = ApiClient::new(node.url(""))
+        .record("crash/counter")
         .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+        .expect("the counter survived");
     let n = counter["value"]["n"].as_u64().expect("counter");
     let (acked_n, attempted_n) = (
         *acked_incr.lock().expect("lock"),
@@ -167,18 +160,9 @@ async fn sigkill_mid_stream_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_gracefully_and_versions_grow_after_the_clock_steps_back() {
     let s = setup();
-    let client = Client::new();
     // First run with the wall clock an hour ahead (far beyond the 500 ms max drift).
     let mut node = start(&s, &["--test-clock-offset-ms", "3600000"]).await;
-    let first: Value = client
-        .put(node.url("/v1/kv/clock"))
-        .json(&json!({"a": 1}))
-        .send()
-        .await
-        .expect("put")
-        .json()
-        .await
-        .expect("json");
+    let v1 = put_version(&node, "clock", json!({"a": 1})).await;
     node.sigterm();
     let status = node
         .wait_exit(Duration::from_secs(30))
@@ -197,30 +181,10 @@ async fn sigterm_stops_gracefully_and_versions_grow_after_the_clock_steps_back()
 
     // The clock is back to normal, an hour earlier: versions must still grow.
     let node = start(&s, &[]).await;
-    let second: Value = client
-        .put(node.url("/v1/kv/clock"))
-        .json(&json!({"a": 2}))
-        .send()
-        .await
-        .expect("put")
-        .json()
-        .await
-        .expect("json");
-    let (v1, v2) = (
-        first["version"].as_str().expect("v1"),
-        second["version"].as_str().expect("v2"),
-    );
+    let v2 = put_version(&node, "clock", json!({"a": 2})).await;
     assert!(v2 > v1, "version after restart {v2} must exceed {v1}");
-    let other: Value = client
-        .put(node.url("/v1/kv/other"))
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("put")
-        .json()
-        .await
-        .expect("json");
-    assert!(other["version"].as_str().expect("v3") > v2);
+    let v3 = put_version(&node, "other", json!({})).await;
+    assert!(v3 > v2, "{v3} must exceed {v2}");
 }
 
 #[tokio::test]
@@ -253,22 +217,7 @@ async fn the_test_clock_control_skews_a_running_node_and_versions_still_grow() {
     let s = setup();
     let client = Client::new();
     let node = start(&s, &["--test-clock-control"]).await;
-    let put = |key: &'static str| {
-        let client = client.clone();
-        let url = node.url(&format!("/v1/kv/{key}"));
-        async move {
-            let v: Value = client
-                .put(url)
-                .json(&json!({"k": key}))
-                .send()
-                .await
-                .expect("put")
-                .json()
-                .await
-                .expect("json");
-            v["version"].as_str().expect("version").to_string()
-        }
-    };
+    let put = |key: &'static str| put_version(&node, key, json!({"k": key}));
     let now_ms = meridian_node::clock::unix_ms;
     let set = |offset: Value| {
         client

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use meridian_harness::{Signal, meridian_bin, send_signal};
 use meridian_node::config::Topology;
 use reqwest::Client;
 use serde_json::{Value, json};
@@ -29,7 +30,7 @@ impl Dev {
     fn start_with(dir: &Path, run: &str, extra: &[&str]) -> Dev {
         let stdout = dir.with_extension(format!("{run}.out"));
         let stderr = dir.with_extension(format!("{run}.err"));
-        let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        let child = Command::new(meridian_bin())
             .args(["dev", "--regions", "2", "--dir"])
             .arg(dir)
             .args(extra)
@@ -54,10 +55,7 @@ impl Dev {
     }
 
     fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
+        let status = send_signal(self.child.id(), Signal::Term).expect("run kill");
         assert!(status.success(), "kill -TERM failed: {status}");
     }
 
@@ -77,9 +75,7 @@ impl Drop for Dev {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             // SIGTERM first, so that the supervisor stops its nodes.
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
+            let _ = send_signal(self.child.id(), Signal::Term);
             let start = Instant::now();
             while start.elapsed() < EXIT_DEADLINE {
                 if !matches!(self.child.try_wait(), Ok(None)) {
@@ -178,16 +174,20 @@ async fn stop(mut dev: Dev, dir: &Path, topology: &Topology, client: &Client) {
     }
 }
 
+/// No pooled connection may outlive the cluster run that accepted it.
+fn unpooled_client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("http client")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_starts_a_cluster_stops_cleanly_and_restarts_on_the_same_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cluster");
-    let client = Client::builder()
-        .timeout(Duration::from_secs(5))
-        // No pooled connection may outlive the cluster run that accepted it.
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
+    let client = unpooled_client();
 
     // First run: a new cluster.
     let mut dev = Dev::start(&dir, "first");
@@ -239,11 +239,7 @@ async fn dev_starts_a_cluster_stops_cleanly_and_restarts_on_the_same_folder() {
 async fn dev_latency_puts_the_link_emulator_between_regions() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cluster");
-    let client = Client::builder()
-        .timeout(Duration::from_secs(5))
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
+    let client = unpooled_client();
     let mut dev = Dev::start_with(&dir, "latency", &["--latency-ms", "150"]);
     let topology = wait_cluster(&mut dev, &dir, &client).await;
     assert!(

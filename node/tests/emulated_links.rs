@@ -5,11 +5,10 @@
 //!
 //! Timing assertions are lower bounds only; everything else polls with generous deadlines.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use meridian_emulator::{Emulator, EmulatorOptions, LinkInfo, LinkSpec, SettingsUpdate};
+use meridian_harness::{NodeProcess, fixture, wait_ready};
 use meridian_node::tools::proxy_cmd;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -136,7 +135,7 @@ async fn proxy_set_changes_a_running_emulator_through_its_control_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = common::two_region_topology("proxy-test", &[("eu-1", "us-1"), ("us-1", "eu-1")]);
+    let text = fixture::two_region_topology("proxy-test", &[("eu-1", "us-1"), ("us-1", "eu-1")]);
     let path = dir.path().join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
     let topology = meridian_node::config::Topology::load(&path).expect("valid topology");
@@ -146,14 +145,14 @@ async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
     let emu = proxy_cmd::start(&topology, EmulatorOptions::default())
         .await
         .expect("start emulator");
-    let eu = common::NodeProcess::spawn(
+    let eu = NodeProcess::spawn(
         &path,
         "eu-1",
         &dir.path().join("data-eu"),
         topology.node("eu-1").expect("eu").api,
         &[],
     );
-    let us = common::NodeProcess::spawn(
+    let us = NodeProcess::spawn(
         &path,
         "us-1",
         &dir.path().join("data-us"),
@@ -166,7 +165,7 @@ async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
         .expect("client");
     for node in [&eu, &us] {
         assert!(
-            common::wait_ready(&http, &node.url("/readyz"), DEADLINE).await,
+            wait_ready(&http, &node.url("/readyz"), DEADLINE).await,
             "node not ready; log:\n{}",
             node.log_text()
         );
@@ -264,7 +263,7 @@ async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
 async fn cli_runs_the_emulator_until_sigterm() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = common::two_region_topology("proxy-cli", &[("eu-1", "us-1")]);
+    let text = fixture::two_region_topology("proxy-cli", &[("eu-1", "us-1")]);
     let path = dir.path().join("topology.toml");
     std::fs::write(&path, text).expect("write topology");
     let topology = meridian_node::config::Topology::load(&path).expect("valid topology");

@@ -2,26 +2,24 @@
 //! global is found by `meridian residency audit` once a rule pins it elsewhere, a node refuses
 //! to start over it, and `serve --purge-disallowed` removes exactly that data.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::NodeProcess;
-use reqwest::Client;
+use meridian_harness::{
+    ApiClient, DEADLINE, NodeProcess, Residency, Serve, TopologyText, assert_contains,
+    assert_valid_topology, dumped_keys, fixture, free_tcp_port, loopback,
+};
 use serde_json::{Value, json};
 
-const READY_DEADLINE: Duration = Duration::from_secs(60);
 const EXIT_DEADLINE: Duration = Duration::from_secs(30);
 
-const US_RULE: &str = r#"
-[[residency]]
-name = "us-users"
-keys = "users/us/*"
-home = "us-east"
-"#;
+/// The summary line of the `us-users` rule when it finds the one record written under it.
+const US_RULE_FOUND: &str = concat!(
+    "rule \"us-users\" (keys \"users/us/*\", home us-east): ",
+    "1 record, 1 log entry, 0 kept-aside changes"
+);
+const CLEAN: &str = "no record, log entry or kept-aside change outside its allowed regions";
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -37,54 +35,30 @@ struct Cluster {
 /// ports in both topology files; one set of certificates serves both.
 fn cluster() -> Cluster {
     let dir = tempfile::tempdir().expect("tempdir");
-    let api_port = common::free_tcp_port();
-    let nodes = common::two_region_nodes("residency", api_port);
-    let open = dir.path().join("open.toml");
+    let api_port = free_tcp_port();
+    let nodes = fixture::two_region_nodes("residency", api_port);
+    let open = fixture::write_with_certs(dir.path(), "open.toml", &nodes);
     let pinned = dir.path().join("pinned.toml");
-    std::fs::write(&open, &nodes).expect("write topology");
-    std::fs::write(&pinned, format!("{nodes}{US_RULE}")).expect("write topology");
-    let topology = meridian_node::config::Topology::load(&open).expect("valid topology");
-    meridian_node::config::Topology::load(&pinned).expect("valid pinned topology");
-    meridian_node::tools::certs::generate_certs(&topology, &dir.path().join("certs"))
-        .expect("certs");
+    nodes
+        .residency(&Residency::new("us-users", "users/us/*", "us-east"))
+        .write(&pinned);
+    assert_valid_topology(&pinned);
     Cluster {
-        data: dir.path().join("data-eu-1"),
-        api: SocketAddr::from(([127, 0, 0, 1], api_port)),
         open,
+        data: dir.path().join("data-eu-1"),
+        api: loopback(api_port),
         pinned,
         dir,
     }
 }
 
-/// `meridian serve` for eu-1, stderr to a log file, logging at info whatever the environment.
+/// `meridian serve` for eu-1, its log in `log_name`, logging at info whatever the environment.
 fn spawn(c: &Cluster, topology: &Path, extra: &[&str], log_name: &str) -> NodeProcess {
-    let log = c.dir.path().join(log_name);
-    let log_file = std::fs::File::create(&log).expect("create log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["serve", "--topology"])
-        .arg(topology)
-        .args(["--node", "eu-1", "--data-dir"])
-        .arg(&c.data)
+    Serve::new(topology, "eu-1", &c.data, c.api)
         .args(extra)
+        .log(&c.dir.path().join(log_name))
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log_file)
         .spawn()
-        .expect("spawn meridian");
-    NodeProcess {
-        child,
-        api: c.api,
-        log,
-    }
-}
-
-async fn ready(node: &NodeProcess) {
-    let client = Client::new();
-    assert!(
-        common::wait_ready(&client, &node.url("/readyz"), READY_DEADLINE).await,
-        "node did not become ready; log:\n{}",
-        node.log_text()
-    );
 }
 
 fn stop(node: &mut NodeProcess) {
@@ -93,36 +67,9 @@ fn stop(node: &mut NodeProcess) {
     assert!(status.success(), "{status}; log:\n{}", node.log_text());
 }
 
-fn meridian(args: &[&str], paths: &[(&str, &Path)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
-    cmd.args(args);
-    for (flag, path) in paths {
-        cmd.arg(flag).arg(path);
-    }
-    cmd.output().expect("run meridian")
-}
-
 fn audit(topology: &Path, data: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
-    let mut args = vec!["residency", "audit"];
-    args.extend_from_slice(extra);
-    let out = meridian(&args, &[("--topology", topology), ("--data-dir", data)]);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn dumped_keys(data: &Path) -> Vec<String> {
-    let out = meridian(&["dump", "--json"], &[("--data-dir", data)]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("dump JSON");
-    doc["records"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .filter_map(|r| r["key"].as_str().map(str::to_owned))
-        .collect()
+    let run = meridian_harness::residency_audit(topology, data, extra);
+    (run.code, run.stdout, run.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,21 +78,12 @@ async fn a_new_rule_is_audited_refused_at_start_and_purged() {
 
     // Written while every key is global.
     let mut node = spawn(&c, &c.open, &[], "serve-open.log");
-    ready(&node).await;
-    let client = Client::new();
+    node.assert_ready(&reqwest::Client::new(), DEADLINE).await;
     for key in ["users/eu/1", "users/us/1", "other/1"] {
-        let r = client
-            .put(node.url(&format!("/v1/kv/{key}")))
-            .json(&json!({"name": key}))
-            .send()
-            .await
-            .expect("put");
-        assert_eq!(
-            r.status(),
-            200,
-            "{key}: {}",
-            r.text().await.unwrap_or_default()
-        );
+        let (status, body) = ApiClient::new(node.url(""))
+            .put(key, json!({"name": key}))
+            .await;
+        assert_eq!(status, 200, "{key}: {body}");
     }
     stop(&mut node);
     drop(node);
@@ -153,11 +91,7 @@ async fn a_new_rule_is_audited_refused_at_start_and_purged() {
     // Under the old policy the directory is clean.
     let (code, stdout, stderr) = audit(&c.open, &c.data, &[]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
-    assert!(
-        stdout.contains("no record, log entry or kept-aside change outside its allowed regions"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("every record is global"), "{stdout}");
+    assert_contains(&stdout, &[CLEAN, "every record is global"]);
 
     // (a) The pinning rule makes users/us/1 (record and its log entry) a violation.
     let (code, stdout, stderr) = audit(&c.pinned, &c.data, &[]);
@@ -188,13 +122,7 @@ async fn a_new_rule_is_audited_refused_at_start_and_purged() {
             .all(|l| l.contains("us-users") && l.ends_with("us-east")),
         "{stdout}"
     );
-    assert!(
-        stdout.contains(
-            "rule \"us-users\" (keys \"users/us/*\", home us-east): 1 record, 1 log entry, \
-             0 kept-aside changes"
-        ),
-        "{stdout}"
-    );
+    assert_contains(&stdout, &[US_RULE_FOUND]);
 
     let (code, stdout, stderr) = audit(&c.pinned, &c.data, &["--json"]);
     assert_eq!(code, Some(1), "{stdout}{stderr}");
@@ -231,52 +159,45 @@ async fn a_new_rule_is_audited_refused_at_start_and_purged() {
     let status = refused.wait_exit(EXIT_DEADLINE).expect("exits at start");
     let log = refused.log_text();
     assert_eq!(status.code(), Some(2), "{log}");
-    assert!(
-        log.contains(
-            "rule \"us-users\" (keys \"users/us/*\", home us-east): 1 record, 1 log entry, \
-             0 kept-aside changes"
-        ),
-        "{log}"
+    assert_contains(
+        &log,
+        &[
+            US_RULE_FOUND,
+            "--purge-disallowed",
+            "meridian residency audit",
+        ],
     );
-    assert!(log.contains("--purge-disallowed"), "{log}");
-    assert!(log.contains("meridian residency audit"), "{log}");
     drop(refused);
     // Refusing removed nothing.
     assert!(dumped_keys(&c.data).contains(&"users/us/1".to_owned()));
 
     // (c) --purge-disallowed starts, and says what it removed.
     let mut node = spawn(&c, &c.pinned, &["--purge-disallowed"], "serve-purge.log");
-    ready(&node).await;
-    let log = node.log_text();
-    assert!(
-        log.contains("removed 1 record, 1 log entry, 0 kept-aside changes"),
-        "{log}"
+    let api = ApiClient::new(node.url(""));
+    node.assert_ready(api.http(), DEADLINE).await;
+    assert_contains(
+        &node.log_text(),
+        &[
+            "removed 1 record, 1 log entry, 0 kept-aside changes",
+            "rule \"us-users\"",
+        ],
     );
-    assert!(log.contains("rule \"us-users\""), "{log}");
-    let r = client
-        .get(node.url("/v1/kv/users/eu/1"))
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(r.status(), 200);
+    assert_eq!(api.get("users/eu/1").await.0, 200);
     // A running node's directory cannot be audited.
     let (code, stdout, stderr) = audit(&c.pinned, &c.data, &[]);
     assert_eq!(code, Some(2), "{stdout}{stderr}");
-    assert!(stderr.contains("in use by a running node"), "{stderr}");
+    assert_contains(&stderr, &["in use by a running node"]);
     stop(&mut node);
     drop(node);
 
     let (code, stdout, stderr) = audit(&c.pinned, &c.data, &[]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
-    assert!(
-        stdout.contains("no record, log entry or kept-aside change outside its allowed regions"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains(
-            "rule \"us-users\" (keys \"users/us/*\", home us-east): 0 records, 0 log entries"
-        ),
-        "{stdout}"
+    assert_contains(
+        &stdout,
+        &[
+            CLEAN,
+            "rule \"us-users\" (keys \"users/us/*\", home us-east): 0 records, 0 log entries",
+        ],
     );
     let mut keys = dumped_keys(&c.data);
     keys.sort();
@@ -287,29 +208,16 @@ async fn a_new_rule_is_audited_refused_at_start_and_purged() {
 fn audit_refuses_bad_input_with_exit_2() {
     let c = cluster();
     // No data directory.
-    let (code, _, stderr) = audit(&c.pinned, &c.data, &[]);
-    assert_eq!(code, Some(2));
-    assert!(stderr.contains("no data directory at"), "{stderr}");
-
+    let no_dir = audit(&c.pinned, &c.data, &[]);
     // A directory that is not a node's.
     std::fs::create_dir_all(&c.data).expect("mkdir");
-    let (code, _, stderr) = audit(&c.pinned, &c.data, &[]);
-    assert_eq!(code, Some(2));
-    assert!(stderr.contains("not a Meridian data directory"), "{stderr}");
-
+    let not_a_node = audit(&c.pinned, &c.data, &[]);
     // An invalid topology.
     let bad = c.dir.path().join("bad.toml");
     let text = std::fs::read_to_string(&c.pinned).expect("read");
-    let text =
-        format!("{text}[[residency]]\nname = \"broken\"\nkeys = \"a/[\"\nhome = \"us-east\"\n");
-    std::fs::write(&bad, text).expect("write");
-    let (code, _, stderr) = audit(&bad, &c.data, &[]);
-    assert_eq!(code, Some(2));
-    assert!(
-        stderr.contains("residency[1].keys: invalid glob \"a/[\": unclosed character class"),
-        "{stderr}"
-    );
-
+    let broken = TopologyText::new().residency(&Residency::new("broken", "a/[", "us-east"));
+    std::fs::write(&bad, format!("{text}{broken}")).expect("write");
+    let invalid = audit(&bad, &c.data, &[]);
     // A node that the topology does not declare: the directory of eu-1 under a topology
     // where the eu-west node is called eu-2.
     let (store, _) =
@@ -320,19 +228,25 @@ fn audit_refuses_bad_input_with_exit_2() {
         .expect("read")
         .replace("\"eu-1\"", "\"eu-2\"");
     std::fs::write(&renamed, text).expect("write");
-    let (code, _, stderr) = audit(&renamed, &c.data, &[]);
-    assert_eq!(code, Some(2));
-    assert!(
-        stderr.contains("belongs to node \"eu-1\", which the topology does not declare"),
-        "{stderr}"
-    );
+    let undeclared = audit(&renamed, &c.data, &[]);
     // --node must name the directory's owner.
-    let (code, _, stderr) = audit(&c.pinned, &c.data, &["--node", "us-1"]);
-    assert_eq!(code, Some(2));
-    assert!(
-        stderr.contains("belongs to node \"eu-1\", not \"us-1\""),
-        "{stderr}"
-    );
+    let not_owner = audit(&c.pinned, &c.data, &["--node", "us-1"]);
+    for ((code, _, stderr), needle) in [
+        (no_dir, "no data directory at"),
+        (not_a_node, "not a Meridian data directory"),
+        (
+            invalid,
+            "residency[1].keys: invalid glob \"a/[\": unclosed character class",
+        ),
+        (
+            undeclared,
+            "belongs to node \"eu-1\", which the topology does not declare",
+        ),
+        (not_owner, "belongs to node \"eu-1\", not \"us-1\""),
+    ] {
+        assert_eq!(code, Some(2), "{stderr}");
+        assert_contains(&stderr, &[needle]);
+    }
     // And an empty directory of a declared node is clean.
     let (code, stdout, _) = audit(&c.pinned, &c.data, &["--node", "eu-1"]);
     assert_eq!(code, Some(0), "{stdout}");

@@ -26,7 +26,7 @@ fn ci_sized_partition_run_loses_nothing_and_converges() {
         ])
         .arg("--out")
         .arg(out.path())
-        .env("MERIDIAN_BIN", meridian_tests::meridian_bin())
+        .env("MERIDIAN_BIN", meridian_harness::meridian_bin())
         .output()
         .expect("run partition-suite");
     let stdout = String::from_utf8_lossy(&run.stdout);
