@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 fn now_ntp64() -> u64 {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
-    (d.as_secs() << 32) | ((u64::from(d.subsec_nanos()) << 32) / 1_000_000_000)
+    meridian_replication::version::ntp64_from_duration(d)
 }
 
 fn change(key_value: Value, time_ntp64: u64) -> Vec<u8> {
