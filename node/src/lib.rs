@@ -31,4 +31,6 @@ pub mod peer;
 pub mod server;
 pub mod store;
 pub mod sync;
+#[cfg(test)]
+mod testing;
 pub mod tools;

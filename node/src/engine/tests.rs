@@ -2,31 +2,13 @@ use super::{Engine, EngineConfig, WriterHandle};
 use crate::clock::NodeClock;
 use crate::config::Topology;
 use crate::store::Store;
+use crate::testing;
 use meridian_replication::protocol::{Accepted, Plan};
 use meridian_replication::{RecordDoc, Version};
 use serde_json::{Value as Json, json};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-
-const TOPOLOGY: &str = r#"cluster = "engine-test"
-[tls]
-ca = "certs/ca.pem"
-[[regions]]
-name = "eu-west"
-[[regions]]
-name = "us-east"
-[[nodes]]
-id = "eu-1"
-region = "eu-west"
-peer = "127.0.0.1:1"
-api = "127.0.0.1:2"
-[[nodes]]
-id = "us-1"
-region = "us-east"
-peer = "127.0.0.1:3"
-api = "127.0.0.1:4"
-"#;
 
 fn plan_of(key: &str, hlc: u64, change: &[u8]) -> Plan {
     let mut plan = Plan::default();
@@ -62,8 +44,12 @@ fn start(topology: Arc<Topology>, node_id: &str, data_dir: &Path) -> (Arc<Engine
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepared_batch_holds_its_records_until_committed_and_the_next_merges_on_top() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let topology =
-        Arc::new(Topology::parse(TOPOLOGY, &dir.path().join("topology.toml")).expect("topology"));
+    let text = testing::topology_text(
+        "engine-test",
+        "certs/ca.pem",
+        &[("eu-1", "eu-west"), ("us-1", "us-east")],
+    );
+    let topology = Arc::new(testing::parse(&text, dir.path()));
     let (engine, writer) = start(topology, "eu-1", &dir.path().join("data"));
     // Two changes of one record made in us-east, the second on top of the first.
     let now = engine.clock.now().time_ntp64;

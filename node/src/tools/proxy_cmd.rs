@@ -100,33 +100,16 @@ mod tests {
 
     use super::*;
     use crate::config::Link;
-
-    const WITH_LINK: &str = r#"
-cluster = "demo"
-[tls]
-ca = "certs/ca.pem"
-[[regions]]
-name = "eu-west"
-[[regions]]
-name = "us-east"
-[[nodes]]
-id = "eu-1"
-region = "eu-west"
-peer = "127.0.0.1:7101"
-api = "127.0.0.1:8101"
-[[nodes]]
-id = "us-1"
-region = "us-east"
-peer = "127.0.0.1:7301"
-api = "127.0.0.1:8301"
-[[links]]
-from = "eu-1"
-to = "us-1"
-via = "127.0.0.1:9001"
-"#;
+    use crate::testing;
 
     fn topology() -> Topology {
-        Topology::parse(WITH_LINK, Path::new("topology.toml")).expect("valid topology")
+        let text = testing::topology_text(
+            "demo",
+            "certs/ca.pem",
+            &[("eu-1", "eu-west"), ("us-1", "us-east")],
+        )
+        .link("eu-1", "us-1", testing::addr(9001));
+        testing::parse(&text, Path::new("."))
     }
 
     #[test]
@@ -138,7 +121,7 @@ via = "127.0.0.1:9001"
                 from: "eu-1".into(),
                 to: "us-1".into(),
                 via: "127.0.0.1:9001".parse().expect("addr"),
-                upstream: "127.0.0.1:7301".parse().expect("addr"),
+                upstream: "127.0.0.1:7201".parse().expect("addr"),
             }]
         );
     }

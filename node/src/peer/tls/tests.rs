@@ -1,4 +1,5 @@
 use super::*;
+use crate::testing;
 use crate::tools::certs::{generate_certs, load_issuer, node_params};
 use rcgen::{KeyPair, SanType};
 use std::fs;
@@ -7,42 +8,16 @@ use tokio::time::timeout;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 pub(crate) fn topology_in(dir: &Path, ca: &str) -> Arc<Topology> {
-    let text = format!(
-        r#"
-cluster = "test"
-
-[tls]
-ca = "{ca}"
-
-[[regions]]
-name = "eu-west"
-
-[[regions]]
-name = "us-east"
-
-[[regions]]
-name = "ap-south"
-
-[[nodes]]
-id = "eu-west-1"
-region = "eu-west"
-peer = "127.0.0.1:7101"
-api = "127.0.0.1:8101"
-
-[[nodes]]
-id = "us-east-1"
-region = "us-east"
-peer = "127.0.0.1:7201"
-api = "127.0.0.1:8201"
-
-[[nodes]]
-id = "ap-south-1"
-region = "ap-south"
-peer = "127.0.0.1:7301"
-api = "127.0.0.1:8301"
-"#
+    let text = testing::topology_text(
+        "test",
+        ca,
+        &[
+            ("eu-west-1", "eu-west"),
+            ("us-east-1", "us-east"),
+            ("ap-south-1", "ap-south"),
+        ],
     );
-    Arc::new(Topology::parse(&text, &dir.join("topology.toml")).unwrap())
+    Arc::new(testing::parse(&text, dir))
 }
 
 /// A topology in `dir` with its certificates generated.

@@ -1,6 +1,8 @@
 use super::purge::purge_db;
 use super::*;
 use crate::store::{PendingChange, PendingReason, Store, StoredRecord, WriteItem};
+use crate::testing;
+use meridian_harness::Residency;
 use meridian_replication::Version;
 use meridian_replication::wire::FrontierEntry;
 use meridian_residency::{Foreign, RuleSpec};
@@ -277,43 +279,17 @@ fn start_is_refused_naming_rules_and_counts_unless_purging() {
     ));
 }
 
-fn topology(dir: &Path, rules: &str) -> Topology {
-    let text = format!(
-        r#"
-cluster = "t"
-[tls]
-ca = "ca.pem"
-[[regions]]
-name = "eu-west"
-[[regions]]
-name = "us-east"
-[[nodes]]
-id = "n1"
-region = "eu-west"
-peer = "127.0.0.1:7101"
-api = "127.0.0.1:8101"
-[[nodes]]
-id = "n2"
-region = "us-east"
-peer = "127.0.0.1:7201"
-api = "127.0.0.1:8201"
-{rules}
-"#
-    );
-    Topology::parse(&text, &dir.join("topology.toml")).expect("valid topology")
+/// Nodes n1 (eu-west) and n2 (us-east), `users/us/*` pinned to us-east.
+fn topology(dir: &Path) -> Topology {
+    let text = testing::topology_text("t", "ca.pem", &[("n1", "eu-west"), ("n2", "us-east")])
+        .residency(&Residency::new("us-users", "users/us/*", "us-east"));
+    testing::parse(&text, dir)
 }
-
-const US_RULE: &str = r#"
-[[residency]]
-name = "us-users"
-keys = "users/us/*"
-home = "us-east"
-"#;
 
 #[test]
 fn audit_dir_reads_offline_and_refuses_a_directory_in_use() {
     let (dir, store) = store_with(&["users/us/1", "users/eu/1"]);
-    let topo = topology(dir.path(), US_RULE);
+    let topo = topology(dir.path());
     let err = audit_dir(dir.path(), &topo, None).expect_err("in use");
     assert!(matches!(err, AuditError::InUse(_)), "{err}");
     assert!(
@@ -345,22 +321,10 @@ fn audit_dir_reads_offline_and_refuses_a_directory_in_use() {
     assert!(err.is_invalid_input());
 
     // The same directory under a topology without its node.
-    let other = Topology::parse(
-        r#"
-cluster = "t"
-[tls]
-ca = "ca.pem"
-[[regions]]
-name = "eu-west"
-[[nodes]]
-id = "m1"
-region = "eu-west"
-peer = "127.0.0.1:7101"
-api = "127.0.0.1:8101"
-"#,
-        &dir.path().join("t.toml"),
-    )
-    .expect("valid");
+    let other = testing::parse(
+        &testing::topology_text("t", "ca.pem", &[("m1", "eu-west")]),
+        dir.path(),
+    );
     let err = audit_dir(dir.path(), &other, None).expect_err("unknown node");
     assert!(
         err.to_string().contains(
