@@ -9,7 +9,7 @@
 //! * [`record`]: one record as an automerge document ([`RecordDoc`]), its view and conflicts.
 //! * [`version`]: HLC stamps ([`Version`]) and the one ms ↔ NTP64 conversion.
 //! * [`protocol`]: the link protocol: frontiers, the sender's and the subscriber's side, the
-//!   handshake, what to store from a batch. [`core`] is the same module under its older name.
+//!   handshake, what to store from a batch.
 //! * [`wire`]: the messages, their binary encoding and the length-prefixed frame.
 //! * [`backoff`]: the reconnect [`backoff::Backoff`] of a link's dialler.
 //! * [`codec`]: the bounds-checked byte [`codec::Reader`] the wire codec (and the node's store
