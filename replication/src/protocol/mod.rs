@@ -34,9 +34,6 @@
 //!   [`ChangeSource`].
 //! * [`inbound`]: the subscriber's side of a link, [`Inbound`].
 //! * [`plan`]: [`plan_batch`], what a subscriber stores from one received batch.
-//!
-//! This module is `meridian_replication::protocol`, the canonical path;
-//! `meridian_replication::core` re-exports everything in it under the same names.
 
 pub mod frontier;
 pub mod hello;
