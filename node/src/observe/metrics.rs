@@ -6,7 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
@@ -96,113 +96,117 @@ pub struct Metrics {
     pub apply_lag_seconds: Family<PeerRegion, Histogram, fn() -> Histogram>,
 }
 
+/// `metric`, registered in `registry` under `name` with `help`.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meridian");
-        let writes_total = Family::<OpLabels, Counter>::default();
-        registry.register(
+        let r = &mut registry;
+        let writes_total = registered(
+            r,
             "writes",
             "Client writes by operation and outcome",
-            writes_total.clone(),
+            Family::<OpLabels, Counter>::default(),
         );
-        let write_duration_seconds =
-            Family::<OpOnly, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
-        registry.register(
+        let write_duration_seconds = registered(
+            r,
             "write_duration_seconds",
             "Time from receiving a write to answering it, including the durable commit",
-            write_duration_seconds.clone(),
+            Family::<OpOnly, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram),
         );
-        let reads_total = Family::<OpLabels, Counter>::default();
-        registry.register(
+        let reads_total = registered(
+            r,
             "reads",
             "Client reads by operation and outcome",
-            reads_total.clone(),
+            Family::<OpLabels, Counter>::default(),
         );
-        let commit_batch_writes = Histogram::new(exponential_buckets(1.0, 2.0, 11));
-        registry.register(
+        let commit_batch_writes = registered(
+            r,
             "commit_batch_writes",
             "Writes sharing one durable commit (group commit)",
-            commit_batch_writes.clone(),
+            Histogram::new(exponential_buckets(1.0, 2.0, 11)),
         );
-        let commit_duration_seconds = latency_histogram();
-        registry.register(
+        let commit_duration_seconds = registered(
+            r,
             "commit_duration_seconds",
             "Duration of one durable redb commit, fsync included",
-            commit_duration_seconds.clone(),
+            latency_histogram(),
         );
-        let write_queue_depth = Gauge::default();
-        registry.register(
+        let write_queue_depth = registered(
+            r,
             "write_queue_depth",
             "Writes waiting for the group-commit writer",
-            write_queue_depth.clone(),
+            Gauge::default(),
         );
-        let cached_documents = Gauge::default();
-        registry.register(
+        let cached_documents = registered(
+            r,
             "cached_documents",
             "Record documents held in memory",
-            cached_documents.clone(),
+            Gauge::default(),
         );
-        let replication_lag_seconds =
-            Family::<PeerRegion, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register(
+        let replication_lag_seconds = registered(
+            r,
             "replication_lag_seconds",
             "Time from a change's origin HLC stamp to its durable application here, newest batch",
-            replication_lag_seconds.clone(),
+            Family::<PeerRegion, Gauge<f64, std::sync::atomic::AtomicU64>>::default(),
         );
-        let peer_up = Family::<PeerLink, Gauge>::default();
-        registry.register(
+        let peer_up = registered(
+            r,
             "peer_up",
             "1 while the replication link is established",
-            peer_up.clone(),
+            Family::<PeerLink, Gauge>::default(),
         );
-        let changes_sent_total = Family::<PeerRegion, Counter>::default();
-        registry.register(
+        let changes_sent_total = registered(
+            r,
             "replication_changes_sent",
             "Changes sent to peers and acknowledged",
-            changes_sent_total.clone(),
+            Family::<PeerRegion, Counter>::default(),
         );
-        let changes_applied_total = Family::<PeerRegion, Counter>::default();
-        registry.register(
+        let changes_applied_total = registered(
+            r,
             "replication_changes_applied",
             "Received changes applied to records",
-            changes_applied_total.clone(),
+            Family::<PeerRegion, Counter>::default(),
         );
-        let drift_refusals_total = Family::<PeerRegion, Counter>::default();
-        registry.register(
+        let drift_refusals_total = registered(
+            r,
             "replication_drift_refusals",
             "Received changes stamped beyond the maximum clock drift (held until the clock catches up)",
-            drift_refusals_total.clone(),
+            Family::<PeerRegion, Counter>::default(),
         );
-        let residency_refused_total = Family::<PeerRegion, Counter>::default();
-        registry.register(
+        let residency_refused_total = registered(
+            r,
             "residency_refused",
             "Received changes of records this region may not hold, refused",
-            residency_refused_total.clone(),
+            Family::<PeerRegion, Counter>::default(),
         );
-        let changes_quarantined_total = Counter::default();
-        registry.register(
+        let changes_quarantined_total = registered(
+            r,
             "replication_changes_quarantined",
             "Received changes that could not be decoded or applied, kept aside",
-            changes_quarantined_total.clone(),
+            Counter::default(),
         );
-        let pending_changes = Family::<Reason, Gauge>::default();
-        registry.register(
+        let pending_changes = registered(
+            r,
             "replication_pending_changes",
             "Received changes kept aside, by reason",
-            pending_changes.clone(),
+            Family::<Reason, Gauge>::default(),
         );
-        let link_errors_total = Family::<PeerRegion, Counter>::default();
-        registry.register(
+        let link_errors_total = registered(
+            r,
             "replication_link_errors",
             "Replication links that ended with an error",
-            link_errors_total.clone(),
+            Family::<PeerRegion, Counter>::default(),
         );
-        let apply_lag_seconds =
-            Family::<PeerRegion, Histogram, fn() -> Histogram>::new_with_constructor(lag_histogram);
-        registry.register(
+        let apply_lag_seconds = registered(
+            r,
             "replication_apply_lag_seconds",
             "Per received change: time from its origin HLC stamp to its durable application here",
-            apply_lag_seconds.clone(),
+            Family::<PeerRegion, Histogram, fn() -> Histogram>::new_with_constructor(lag_histogram),
         );
         Metrics {
             registry,
