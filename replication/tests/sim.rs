@@ -402,7 +402,7 @@ fn drain(
     (changes, progress)
 }
 
-/// Regression test for a bug the simulation found and core.rs now avoids (found by seed 0 of `simulate_many_seeds`, 4 replicas): `Outbound` keeps one scan
+/// Regression test for a bug the simulation found and the protocol now avoids (found by seed 0 of `simulate_many_seeds`, 4 replicas): `Outbound` keeps one scan
 /// cursor per origin, but a relaying sender's log of a third origin is not appended in HLC order
 /// across classes — a change of class `q` can arrive (from another link) *after* a later change
 /// of class `""` that the cursor has already passed. The next poll starts after the cursor and

@@ -8,7 +8,7 @@
 //! directed dial through the link emulator.
 //!
 //! Architecture invariants:
-//! * Both ends are authenticated by mutual TLS before any message (see `tls.rs`); the `Hello`
+//! * Both ends are authenticated by mutual TLS before any message (see `tls`); the `Hello`
 //!   must then name the authenticated node, the same cluster and protocol version.
 //! * A sender streams from the change log on disk, never from an unbounded queue: a slow or dead
 //!   peer costs one bounded window of batches, and local writes never wait for it.
