@@ -57,6 +57,11 @@ enum Command {
         /// Without it, a node holding such data refuses to start.
         #[arg(long)]
         purge_disallowed: bool,
+        /// Start even though the commit log is damaged or missing: keep every intact entry,
+        /// drop the damaged bytes and log which batches are missing (peers that hold this
+        /// node's changes send them back). Without it, such a node refuses to start (exit 1).
+        #[arg(long)]
+        recover: bool,
     },
     /// Residency tools.
     Residency {
@@ -230,6 +235,7 @@ fn main() -> ExitCode {
             test_clock_offset_ms,
             test_clock_control,
             purge_disallowed,
+            recover,
         } => serve(
             &topology,
             &node,
@@ -238,9 +244,18 @@ fn main() -> ExitCode {
                 offset_ms: test_clock_offset_ms,
                 control: test_clock_control,
             },
-            purge_disallowed,
+            StartOptions {
+                purge_disallowed,
+                recover,
+            },
         ),
     }
+}
+
+/// What `serve` does with a data directory it would otherwise refuse.
+struct StartOptions {
+    purge_disallowed: bool,
+    recover: bool,
 }
 
 /// The test-only clock options of `serve`.
@@ -287,7 +302,7 @@ fn serve(
     node_id: &str,
     data_dir: Option<PathBuf>,
     test_clock: TestClock,
-    purge_disallowed: bool,
+    start: StartOptions,
 ) -> ExitCode {
     let test_clock_offset_ms = test_clock.offset_ms;
     let topology = match load_topology(topology_path) {
@@ -330,7 +345,8 @@ fn serve(
             &data_dir,
             listener,
             server::NodeOptions {
-                purge_disallowed,
+                purge_disallowed: start.purge_disallowed,
+                recover_log: start.recover,
                 test_clock_control: test_clock.control,
                 ..server::NodeOptions::default()
             },

@@ -14,7 +14,7 @@ use crate::config::Topology;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::{AppState, ServeOptions};
 use crate::peer::{Forwarder, Links, PeerTable};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -51,6 +51,9 @@ pub struct NodeOptions {
     /// Delete at start what the residency policy does not allow in this node's region,
     /// instead of refusing to start (`meridian serve --purge-disallowed`).
     pub purge_disallowed: bool,
+    /// Start on a damaged or missing commit log, keeping every intact entry
+    /// (`meridian serve --recover`).
+    pub recover_log: bool,
     /// TEST ONLY (`meridian serve --test-clock-control`): serve `PUT /v1/test/clock-offset`,
     /// which skews this process's wall clock while it runs (the partition suite's clock nemesis).
     pub test_clock_control: bool,
@@ -66,7 +69,10 @@ pub fn open(
     if topology.node(node_id).is_none() {
         return Err(ServeError::UnknownNode(node_id.to_string()));
     }
-    let (store, identity) = Store::open(data_dir, node_id)?;
+    let store_options = StoreOptions {
+        recover_log: options.recover_log,
+    };
+    let (store, identity) = Store::open_with(data_dir, node_id, store_options)?;
     crate::store::audit::enforce_at_start(&store, &topology, node_id, options.purge_disallowed)?;
     let clock = NodeClock::new(node_id, topology.clock.max_drift_ms, identity.last_hlc)?;
     Engine::start(topology, node_id, store, clock, &identity, options.engine)

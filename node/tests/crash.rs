@@ -264,3 +264,86 @@ async fn without_the_flag_the_test_clock_control_does_not_exist() {
         .expect("put");
     assert_eq!(r.status(), 404);
 }
+
+/// Offsets and sequence numbers of the entries of the commit log in `data_dir`.
+fn log_entries(data_dir: &std::path::Path) -> Vec<(u64, usize, usize)> {
+    let back = meridian_node::store::commit_log::CommitLog::read(data_dir).expect("read the log");
+    let mut at = 0;
+    back.entries
+        .iter()
+        .map(|e| {
+            let entry = (e.seq, at, e.payload.len());
+            at += 16 + e.payload.len();
+            entry
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_commit_log_stops_the_start_and_recover_keeps_every_intact_write() {
+    let s = setup();
+    let data = s.dir.path().join("data");
+    let mut node = start(&s, &[]).await;
+    // Sequential writes, one batch each, until the log holds several since its checkpoint;
+    // then a crash, so that they are in the log only.
+    let mut written = Vec::new();
+    for i in 0..20_000 {
+        let key = format!("w/{i:05}");
+        put_version(&node, &key, json!({"i": i})).await;
+        written.push(key);
+        if log_entries(&data).len() >= 8 {
+            break;
+        }
+    }
+    node.sigkill().expect("kill");
+    node.wait_exit(Duration::from_secs(30)).expect("killed");
+    drop(node);
+    let entries = log_entries(&data);
+    assert!(entries.len() >= 8, "the log holds {entries:?}");
+    // A flipped byte inside the second batch after the marker: intact batches follow it.
+    let (_, at, len) = entries[2];
+    assert!(len > 0);
+    let log = data.join("commit.log");
+    let mut bytes = std::fs::read(&log).expect("read");
+    bytes[at + 16 + len / 2] ^= 0x01;
+    std::fs::write(&log, &bytes).expect("write");
+
+    let mut refused = NodeProcess::spawn(&s.topology, "eu-1", &data, s.api, &[]);
+    let status = refused
+        .wait_exit(Duration::from_secs(60))
+        .expect("refused promptly");
+    let text = refused.log_text();
+    assert_eq!(status.code(), Some(1), "log:\n{text}");
+    assert!(text.contains(&log.display().to_string()), "log:\n{text}");
+    assert!(
+        text.contains(&format!("damaged at byte {at}")),
+        "log:\n{text}"
+    );
+    let following = entries.len() - 3;
+    assert!(
+        text.contains(&format!("{following} intact entries follow")),
+        "log:\n{text}"
+    );
+    assert!(text.contains("--recover"), "log:\n{text}");
+    drop(refused);
+
+    let node = start(&s, &["--recover"]).await;
+    let api = ApiClient::new(node.url(""));
+    let mut missing = Vec::new();
+    for key in &written {
+        let (status, _) = api.get(key).await;
+        if status != 200 {
+            missing.push(key.clone());
+        }
+    }
+    assert_eq!(
+        missing.len(),
+        1,
+        "only the damaged batch's write is gone: {missing:?}"
+    );
+    assert!(
+        node.log_text().contains("recovering a damaged commit log"),
+        "{}",
+        node.log_text()
+    );
+}

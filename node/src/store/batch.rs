@@ -13,10 +13,10 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use meridian_replication::codec::Reader;
 
 use super::codec::{IdempotentAnswer, StoredChange, StoredRecord};
-use super::commit_log::{CommitLog, LoggedBatch};
+use super::commit_log::{CommitLog, LoggedBatch, OpenMode};
 use super::{
-    CHANGES, FRONTIER, IDEMPOTENCY, META, META_LOG_SEQ, PENDING, RECORDS, StoreError, corrupt,
-    dberr,
+    CHANGES, FRONTIER, IDEMPOTENCY, META, META_LOG_MARKED, META_LOG_SEQ, PENDING, RECORDS,
+    StoreError, corrupt, dberr,
 };
 
 /// One write of a group commit.
@@ -343,15 +343,18 @@ pub(super) fn durable_log_seq(
     }
 }
 
-/// The log entries of `dir` that `durable` does not hold yet, checked to follow on from it.
+/// The log entries of `dir` that `durable` does not hold yet, checked to follow on from it
+/// unless `gaps_allowed` (a damaged log being recovered).
 pub(super) fn entries_after(
     dir: &Path,
     entries: Vec<LoggedBatch>,
     durable: u64,
+    gaps_allowed: bool,
 ) -> Result<Vec<LoggedBatch>, StoreError> {
     let newer: Vec<_> = entries.into_iter().filter(|e| e.seq > durable).collect();
     if let Some(first) = newer.first()
         && first.seq != durable + 1
+        && !gaps_allowed
     {
         return Err(StoreError::LogGap {
             path: dir.to_path_buf(),
@@ -362,10 +365,29 @@ pub(super) fn entries_after(
     Ok(newer)
 }
 
+/// What the database says about its commit log: the newest batch it holds durably, and
+/// whether the log has carried a checkpoint marker (so an empty log means a lost one).
+pub(super) fn durable_state(db: &Database) -> Result<(u64, bool), StoreError> {
+    let txn = db.begin_read().map_err(dberr)?;
+    match txn.open_table(META) {
+        Ok(meta) => Ok((
+            durable_log_seq(&meta)?,
+            meta.get(META_LOG_MARKED).map_err(dberr)?.is_some(),
+        )),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok((0, false)),
+        Err(e) => Err(dberr(e)),
+    }
+}
+
 /// Open the commit log of `dir` and commit again, non-durably, every batch redb does not hold
 /// durably. Returns the log and the sequence number of the newest batch redb now holds.
-pub(super) fn replay_log(db: &Database, dir: &Path) -> Result<(CommitLog, u64), StoreError> {
-    let (log, back) = CommitLog::open(dir)?;
+pub(super) fn replay_log(
+    db: &Database,
+    dir: &Path,
+    mode: OpenMode,
+) -> Result<(CommitLog, u64), StoreError> {
+    let (durable, marked) = durable_state(db)?;
+    let (log, back) = CommitLog::open(dir, durable, mode)?;
     if let Some(reason) = &back.tail_reason {
         tracing::warn!(
             bytes = back.tail_bytes,
@@ -373,15 +395,35 @@ pub(super) fn replay_log(db: &Database, dir: &Path) -> Result<(CommitLog, u64), 
             "cut a torn tail off the commit log (a batch whose sync never completed: it was never acknowledged)"
         );
     }
-    let durable = {
-        let txn = db.begin_read().map_err(dberr)?;
-        match txn.open_table(META) {
-            Ok(meta) => durable_log_seq(&meta)?,
-            Err(redb::TableError::TableDoesNotExist(_)) => 0,
-            Err(e) => return Err(dberr(e)),
+    if marked && back.entries.is_empty() {
+        if mode == OpenMode::Strict {
+            return Err(StoreError::LogMissing {
+                path: log.path().to_path_buf(),
+                durable,
+            });
         }
-    };
-    let newer = entries_after(dir, back.entries, durable)?;
+        tracing::error!(path = %log.path().display(), durable, "the commit log has no entry, not even its checkpoint marker; recovering: batches acknowledged after batch {durable} are lost here unless peers send them back");
+    }
+    if let Some(damage) = &back.damage {
+        // Only batches the database does not hold are lost.
+        let missing: Vec<(u64, u64)> = damage
+            .missing
+            .iter()
+            .filter(|(_, last)| *last > durable)
+            .map(|&(first, last)| (first.max(durable + 1), last))
+            .collect();
+        tracing::error!(
+            path = %log.path().display(),
+            offset = damage.offset,
+            reason = %damage.reason,
+            damaged_bytes = damage.bad_bytes,
+            kept_after_damage = damage.following,
+            missing_batches = ?missing,
+            "recovering a damaged commit log: every intact entry is kept, the damaged bytes are dropped; the missing batches are lost here unless peers send their changes back"
+        );
+    }
+    let gaps_allowed = back.damage.is_some();
+    let newer = entries_after(dir, back.entries, durable, gaps_allowed)?;
     let mut held = durable;
     if !newer.is_empty() {
         tracing::info!(

@@ -52,7 +52,7 @@ pub fn dump(dir: &Path) -> Result<(String, Vec<DumpRow>), StoreError> {
     // running, or was killed): they are part of what the directory stores.
     let durable = durable_log_seq(&meta)?;
     let back = CommitLog::read(dir)?;
-    for entry in entries_after(dir, back.entries, durable)? {
+    for entry in entries_after(dir, back.entries, durable, back.damage.is_some())? {
         let (items, _) = decode_batch(&entry.payload)
             .map_err(|why| corrupt(format!("commit log batch {}", entry.seq), why))?;
         for item in items {

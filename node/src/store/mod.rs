@@ -42,7 +42,7 @@ pub use codec::{IdempotentAnswer, StoredChange, StoredRecord};
 pub use dump::{DumpRow, dump};
 
 use batch::{apply_batch, encode_batch, replay_log};
-use commit_log::{CommitLog, CommitLogError};
+use commit_log::{CommitLog, CommitLogError, OpenMode};
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
@@ -58,6 +58,9 @@ const META_FORMAT: &str = "format";
 const META_HLC_FLOOR: &str = "hlc_floor";
 /// Sequence number of the newest commit-log batch this redb state holds.
 const META_LOG_SEQ: &str = "log_seq";
+/// Present once a checkpoint was made while the commit log carried its marker: from then on
+/// the log is never empty, and an empty one was lost or truncated.
+const META_LOG_MARKED: &str = "log_marked";
 /// Longest time between two checkpoints. A checkpoint holds the writer while redb flushes what
 /// the batches since the last one dirtied: every 2 s, that stall set replication lag p99 to
 /// ~30 ms at 1,000 writes/s; every 200 ms, 8.5 ms (and 64-client throughput did not drop).
@@ -111,6 +114,18 @@ pub enum StoreError {
         first: u64,
         durable: u64,
     },
+    #[error(
+        "commit log {path} is empty, but it always holds at least its checkpoint marker: it was truncated or replaced, and batches acknowledged after batch {durable} may be lost. The node does not start on it; `meridian serve --recover` starts anyway (peers that hold this node's changes send them back)"
+    )]
+    LogMissing { path: PathBuf, durable: u64 },
+}
+
+/// How [`Store::open_with`] opens a data directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreOptions {
+    /// Start on a damaged or missing commit log, keeping every intact entry, instead of
+    /// refusing (`meridian serve --recover`).
+    pub recover_log: bool,
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -164,6 +179,8 @@ struct LogState {
     log: CommitLog,
     next_seq: u64,
     last_checkpoint: Instant,
+    /// Whether `META_LOG_MARKED` is durable already.
+    marked: bool,
 }
 
 /// redb's page cache. Its default (1 GiB) filled up with record pages as the store grew: a node
@@ -174,6 +191,15 @@ const REDB_CACHE_BYTES: usize = 64 * 1024 * 1024;
 impl Store {
     /// Open (or create) the data directory of `node_id`; refuses a directory of another node.
     pub fn open(dir: &Path, node_id: &str) -> Result<(Store, Identity), StoreError> {
+        Store::open_with(dir, node_id, StoreOptions::default())
+    }
+
+    /// [`Store::open`] with options.
+    pub fn open_with(
+        dir: &Path,
+        node_id: &str,
+        options: StoreOptions,
+    ) -> Result<(Store, Identity), StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -186,7 +212,13 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
-        let (log, replayed_to) = replay_log(&db, dir)?;
+        let mode = if options.recover_log {
+            OpenMode::Recover
+        } else {
+            OpenMode::Strict
+        };
+        let (log, replayed_to) = replay_log(&db, dir, mode)?;
+        let (_, marked) = batch::durable_state(&db)?;
         let txn = db.begin_write().map_err(db_err)?;
         let identity = {
             let mut meta = txn.open_table(META).map_err(dberr)?;
@@ -271,7 +303,7 @@ impl Store {
         // durable, so it is also the checkpoint of whatever the log replayed.
         txn.commit().map_err(dberr)?;
         let mut log = log;
-        log.clear()?;
+        log.clear(replayed_to)?;
         Ok((
             Store {
                 db,
@@ -281,6 +313,7 @@ impl Store {
                     log,
                     next_seq: replayed_to + 1,
                     last_checkpoint: Instant::now(),
+                    marked,
                 }),
             },
             identity,
@@ -428,21 +461,26 @@ impl Store {
 
     fn checkpoint_locked(&self, state: &mut LogState) -> Result<(), StoreError> {
         state.last_checkpoint = Instant::now();
-        if state.log.len_bytes() == 0 {
+        if !state.log.has_batches() {
             return Ok(());
         }
+        let held = state.next_seq.saturating_sub(1);
         let mut txn = self.db.begin_write().map_err(dberr)?;
         txn.set_durability(Durability::Immediate).map_err(dberr)?;
         {
             let mut meta = txn.open_table(META).map_err(dberr)?;
-            let held = state.next_seq.saturating_sub(1);
             meta.insert(META_LOG_SEQ, &held.to_be_bytes()[..])
                 .map_err(dberr)?;
+            // The log has held its marker since the open's clear: say so once.
+            if !state.marked {
+                meta.insert(META_LOG_MARKED, &[1u8][..]).map_err(dberr)?;
+            }
         }
         txn.commit().map_err(dberr)?;
+        state.marked = true;
         // If the truncation fails, the entries stay and are skipped at open (their sequence
         // numbers are now durable in redb); appends go on after them.
-        if let Err(e) = state.log.clear() {
+        if let Err(e) = state.log.clear(held) {
             tracing::warn!(error = %e, "emptying the commit log after a checkpoint failed; it will be retried");
         }
         Ok(())

@@ -1,5 +1,7 @@
 use super::batch::{decode_batch, encode_batch};
+use super::commit_log::{CommitLogError, LOG_FILE, OpenMode};
 use super::*;
+use std::path::Path;
 
 fn record(n: u64) -> StoredRecord {
     StoredRecord {
@@ -219,10 +221,15 @@ fn batches_only_in_the_commit_log_are_committed_again_at_open_and_shown_by_dump(
     assert_eq!(store.frontier().unwrap().get("n2", ""), 2);
     assert!(store.idempotent_answer("idem-c").unwrap().is_some());
     assert_eq!(store.pending_for("c").unwrap().len(), 1);
-    // The open checkpointed what it replayed: the log is empty, and a second open (after
-    // another crash image) replays nothing twice.
-    let crash_log = crash.path().join(crate::store::commit_log::LOG_FILE);
-    assert_eq!(std::fs::metadata(&crash_log).unwrap().len(), 0);
+    // The open checkpointed what it replayed: the log holds only the marker of batch 3, and
+    // a second open (after another crash image) replays nothing twice.
+    let marker_only: Vec<u64> = CommitLog::read(crash.path())
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(marker_only, [3]);
     store.commit_batch(&[item("d", 4)], &[]).unwrap();
     drop(store);
     let (store, _) = Store::open(crash.path(), "n1").unwrap();
@@ -236,7 +243,7 @@ fn dump_shows_and_open_commits_a_batch_that_only_the_log_holds() {
     store.commit_batch(&[item("a", 1)], &[]).unwrap();
     drop(store);
     // A cleanly closed database at batch 1 and a log that also holds batch 2.
-    let (mut log, back) = CommitLog::open(dir.path()).unwrap();
+    let (mut log, back) = CommitLog::open(dir.path(), 0, OpenMode::Strict).unwrap();
     assert_eq!(back.entries.last().map(|e| e.seq), Some(1));
     log.append(2, &encode_batch([item("z", 2)].iter(), &[]).unwrap())
         .unwrap();
@@ -256,8 +263,8 @@ fn a_log_that_does_not_follow_the_database_is_refused() {
     store.commit_batch(&[item("a", 1)], &[]).unwrap();
     drop(store);
     // Batch 10 in the log, the database durable at batch 1: 2..9 are missing.
-    let (mut log, _) = CommitLog::open(dir.path()).unwrap();
-    log.clear().unwrap();
+    std::fs::write(dir.path().join(LOG_FILE), b"").unwrap();
+    let (mut log, _) = CommitLog::open(dir.path(), 1, OpenMode::Strict).unwrap();
     log.append(10, &encode_batch([item("x", 10)].iter(), &[]).unwrap())
         .unwrap();
     drop(log);
@@ -300,4 +307,117 @@ fn idempotency_keys_replay_or_refuse() {
     assert!(store.record("c").unwrap().is_none());
     assert_eq!(store.prune_idempotency(2, 100).unwrap(), 1);
     assert!(store.idempotent_answer("idem").unwrap().is_none());
+}
+
+/// A crash image of `dir` taken now: the database as durably committed and the log as synced.
+fn crash_image(dir: &Path) -> tempfile::TempDir {
+    let crash = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join(DB_FILE), crash.path().join(DB_FILE)).unwrap();
+    std::fs::copy(dir.join(LOG_FILE), crash.path().join(LOG_FILE)).unwrap();
+    crash
+}
+
+/// A store durable at batch 1 (checkpointed) with batches 2..=6 acknowledged in the log only,
+/// as a crash image.
+fn store_with_log_only_batches() -> (tempfile::TempDir, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), "n1").unwrap();
+    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    store.checkpoint().unwrap();
+    let image_db = dir.path().join("db.image");
+    std::fs::copy(dir.path().join(DB_FILE), &image_db).unwrap();
+    for (n, key) in ["b", "c", "d", "e", "f"].iter().enumerate() {
+        store.commit_batch(&[item(key, n as u64 + 2)], &[]).unwrap();
+    }
+    let crash = crash_image(dir.path());
+    std::fs::copy(&image_db, crash.path().join(DB_FILE)).unwrap();
+    drop(store);
+    (dir, crash)
+}
+
+/// Offsets of the log entries of `dir`'s commit log, in order.
+fn entry_offsets(dir: &Path) -> Vec<(u64, usize)> {
+    let back = CommitLog::read(dir).unwrap();
+    let mut at = 0;
+    back.entries
+        .iter()
+        .map(|e| {
+            let here = at;
+            at += 16 + e.payload.len();
+            (e.seq, here)
+        })
+        .collect()
+}
+
+#[test]
+fn a_damaged_commit_log_is_refused_and_recover_keeps_every_intact_batch() {
+    let (_dir, crash) = store_with_log_only_batches();
+    let offsets = entry_offsets(crash.path());
+    let seqs: Vec<u64> = offsets.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        [1, 2, 3, 4, 5, 6],
+        "marker of batch 1, then batches 2..=6"
+    );
+    // A flipped byte in the payload of batch 3: batches 4..=6 follow intact.
+    let log = crash.path().join(LOG_FILE);
+    let mut bytes = std::fs::read(&log).unwrap();
+    let (_, at) = offsets[2];
+    bytes[at + 20] ^= 0x01;
+    std::fs::write(&log, &bytes).unwrap();
+
+    let err = Store::open(crash.path(), "n1").err().expect("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, StoreError::Log(CommitLogError::Damaged { .. })),
+        "{text}"
+    );
+    assert!(text.contains(&log.display().to_string()), "{text}");
+    assert!(text.contains(&format!("at byte {at}")), "{text}");
+    assert!(text.contains("3 intact entries follow"), "{text}");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "nothing was cut");
+
+    let options = StoreOptions { recover_log: true };
+    let (store, _) = Store::open_with(crash.path(), "n1", options).unwrap();
+    for (key, n) in [("a", 1), ("b", 2), ("d", 4), ("e", 5), ("f", 6)] {
+        assert_eq!(store.record(key).unwrap(), Some(record(n)), "{key}");
+    }
+    assert_eq!(
+        store.record("c").unwrap(),
+        None,
+        "batch 3 was in the damaged bytes"
+    );
+    drop(store);
+    // Recovered: the next open is a normal one.
+    let (store, _) = Store::open(crash.path(), "n1").unwrap();
+    assert_eq!(store.record("f").unwrap(), Some(record(6)));
+}
+
+#[test]
+fn an_empty_log_after_a_marker_was_checkpointed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), "n1").unwrap();
+    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    store.checkpoint().unwrap();
+    store.commit_batch(&[item("b", 2)], &[]).unwrap();
+    drop(store);
+    std::fs::write(dir.path().join(LOG_FILE), b"").unwrap();
+    let err = Store::open(dir.path(), "n1").err().expect("refused");
+    assert!(matches!(err, StoreError::LogMissing { .. }), "{err}");
+    assert!(err.to_string().contains("--recover"), "{err}");
+    let options = StoreOptions { recover_log: true };
+    let (store, _) = Store::open_with(dir.path(), "n1", options).unwrap();
+    assert_eq!(store.record("a").unwrap(), Some(record(1)));
+}
+
+#[test]
+fn a_data_directory_of_an_older_build_with_an_empty_log_opens() {
+    // Before checkpoints left a marker, a cleanly stopped node left an empty log.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), "n1").unwrap();
+    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    drop(store);
+    std::fs::write(dir.path().join(LOG_FILE), b"").unwrap();
+    let (store, _) = Store::open(dir.path(), "n1").unwrap();
+    assert_eq!(store.record("a").unwrap(), Some(record(1)));
 }
