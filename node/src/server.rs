@@ -15,6 +15,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::http::{AppState, ServeOptions};
 use crate::peer::{Forwarder, Links, PeerTable};
 use crate::store::{Store, StoreError, StoreOptions};
+use meridian_replication::version::ntp64_from_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -69,8 +70,10 @@ pub fn open(
     if topology.node(node_id).is_none() {
         return Err(ServeError::UnknownNode(node_id.to_string()));
     }
+    let max_drift_ms = topology.clock.max_drift_ms;
     let store_options = StoreOptions {
         recover_log: options.recover_log,
+        lost_before_ntp64: ntp64_from_ms(crate::clock::unix_ms().saturating_add(max_drift_ms)),
     };
     let (store, identity) = Store::open_with(data_dir, node_id, store_options)?;
     crate::store::audit::enforce_at_start(&store, &topology, node_id, options.purge_disallowed)?;

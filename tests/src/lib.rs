@@ -177,6 +177,15 @@ impl Cluster {
     pub fn kill(&mut self, i: usize) {
         if let Some(mut p) = self.procs[i].take() {
             let _ = p.sigkill();
+            // Gone before anything restarts on its data directory.
+            let _ = p.wait_exit(DEADLINE);
+        }
+    }
+
+    /// SIGSTOP node `i` (it keeps its files as they are until killed or continued).
+    pub fn freeze(&self, i: usize) {
+        if let Some(p) = &self.procs[i] {
+            p.sigstop();
         }
     }
 

@@ -469,3 +469,86 @@ async fn writes_that_never_saw_each_other_show_identical_conflicts() {
     all.sort_by_key(|v| v.to_string());
     assert_eq!(all, vec![json!("blue"), json!("red")], "{doc}");
 }
+
+/// The commit log of `data_dir`: each entry's sequence number, offset, payload length and keys.
+fn logged_batches(data_dir: &std::path::Path) -> Vec<(u64, usize, usize, Vec<String>)> {
+    let back = meridian_node::store::commit_log::CommitLog::read(data_dir).expect("read log");
+    let mut at = 0;
+    back.entries
+        .iter()
+        .map(|e| {
+            let keys = if e.payload.is_empty() {
+                Vec::new()
+            } else {
+                meridian_node::store::batch_keys(e).expect("a batch")
+            };
+            let entry = (e.seq, at, e.payload.len(), keys);
+            at += 16 + e.payload.len();
+            entry
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_acknowledged_writes_gets_them_back_from_its_peers() {
+    let mut cluster = Cluster::new(2);
+    cluster.start_all();
+    let client = reqwest::Client::new();
+    cluster.wait_all_ready(&client).await;
+    let [eu, us] = [cluster.api(0, &client), cluster.api(1, &client)];
+    let data = cluster.data_dir(0);
+    // Writes on eu-west, one batch each, until its log holds several since its checkpoint;
+    // then eu-west is frozen so that the log stays as it is.
+    let mut written = Vec::new();
+    for i in 0..20_000 {
+        let key = format!("lost/{i:05}");
+        put_ok(&eu, &key, json!({"i": i})).await;
+        written.push(key);
+        if logged_batches(&data).len() >= 8 {
+            break;
+        }
+    }
+    cluster.freeze(0);
+    let batches = logged_batches(&data);
+    // The batch to damage: one us-east holds, with intact batches after it.
+    let mut victim = None;
+    for (seq, at, len, keys) in &batches[1..batches.len() - 1] {
+        let [key] = keys.as_slice() else { continue };
+        let held = poll_until(std::time::Duration::from_secs(10), || async {
+            us.get(key).await.0 == 200
+        })
+        .await;
+        if held {
+            victim = Some((*seq, *at, *len, key.clone()));
+            break;
+        }
+    }
+    let (seq, at, len, lost_key) = victim.expect("us-east holds one of the logged writes");
+    cluster.kill(0);
+    let log = data.join("commit.log");
+    let mut bytes = std::fs::read(&log).expect("read");
+    bytes[at + 16 + len / 2] ^= 0x01;
+    std::fs::write(&log, &bytes).expect("write");
+
+    let topology = cluster.topology.clone();
+    cluster.start_with(0, &topology, &["--recover"]);
+    cluster.wait_ready(0, &client).await;
+    let back = poll_until(DEADLINE, || async { eu.get(&lost_key).await.0 == 200 }).await;
+    assert!(
+        back,
+        "batch {seq} ({lost_key}) was not sent back; log:\n{}",
+        cluster.log(0)
+    );
+    // Everything else eu-west acknowledged is there too, and new writes still flow.
+    for key in &written {
+        if *key != lost_key {
+            assert_eq!(eu.get(key).await.0, 200, "{key}");
+        }
+    }
+    put_ok(&eu, "after/recovery", json!({"ok": true})).await;
+    let flowed = poll_until(DEADLINE, || async {
+        us.get("after/recovery").await.0 == 200
+    })
+    .await;
+    assert!(flowed, "a write after the recovery did not replicate");
+}

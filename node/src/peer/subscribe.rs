@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use meridian_replication::backoff::Backoff;
-use meridian_replication::protocol::{Inbound, check_hello, plan_batch};
+use meridian_replication::protocol::{Frontier, Inbound, check_hello, plan_batch};
 use meridian_replication::version::{ms_from_ntp64, ntp64_from_ms, seconds_from_ntp64};
 use meridian_replication::wire::Message;
 use tokio::sync::watch;
@@ -19,8 +19,9 @@ use super::tls::{self, MAX_CONNECTION_AGE};
 use super::{Ctx, LinkError};
 use crate::clock::unix_ms;
 use crate::config::NodeConfig;
-use crate::engine::ApplyStats;
+use crate::engine::{ApplyStats, Engine};
 use crate::observe::metrics::{PeerLink, PeerRegion};
+use crate::store::StoreError;
 
 /// Random bits to spread the reconnects of many links: no cryptographic quality is needed, and
 /// no clock is read (each `RandomState` is keyed afresh).
@@ -36,6 +37,39 @@ fn random_u64() -> u64 {
 const INBOUND_QUEUE_BATCHES: usize = 8;
 /// Received batches applied together in one transaction at most.
 const MAX_COALESCED_BATCHES: usize = 8;
+
+/// What this node states it holds, per origin and class both regions may hold: its stored
+/// frontier; and, while a recovery may have lost some of its own batches, what it knows it
+/// holds of itself, so that `peer` sends back what it has above that. Without a recovery the
+/// node states nothing of itself and is sent nothing of itself, as peers of older builds do.
+fn hello_frontier(engine: &Engine, shared: &[String]) -> Result<Frontier, StoreError> {
+    let store = engine.store();
+    let mut frontier = store.frontier()?;
+    if let Some(recovery) = store.own_recovery()? {
+        if own_recovery_done(engine, &frontier, recovery.lost_before) {
+            store.finish_own_recovery()?;
+            tracing::info!(
+                "peers sent back every change of this node's own that they hold; recovery done"
+            );
+        } else {
+            for class in shared {
+                frontier.raise(&engine.node_id, class, recovery.complete_to);
+            }
+        }
+    }
+    Ok(frontier.restricted_to(shared))
+}
+
+/// Peers vouched for this node's own changes, of every class some peer may hold, up to the
+/// end of what a recovery may have lost: all of them that exist anywhere are back.
+fn own_recovery_done(engine: &Engine, frontier: &Frontier, lost_before: u64) -> bool {
+    let policy = &engine.topology.residency;
+    engine
+        .topology
+        .peers_of(&engine.node_id)
+        .flat_map(|peer| policy.shared_classes(&engine.region, &peer.region))
+        .all(|class| frontier.get(&engine.node_id, &class) >= lost_before)
+}
 
 /// Keep a subscription to `peer` alive: dial, receive, reconnect with backoff.
 pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
@@ -138,7 +172,7 @@ async fn subscribe_once(
     };
     let (mut send, mut recv) = conn.open_bi().await?;
     let shared = policy.shared_classes(&engine.region, &peer.region);
-    let frontier = engine.store().frontier()?.restricted_to(&shared);
+    let frontier = hello_frontier(engine, &shared)?;
     write_msg(&mut send, &hello(engine, &frontier)).await?;
     let their_hello = read_msg(&mut recv).await?;
     if let Err(e) = check_hello(&their_hello, &engine.topology.cluster, &peer.id) {

@@ -379,13 +379,22 @@ pub(super) fn durable_state(db: &Database) -> Result<(u64, bool), StoreError> {
     }
 }
 
+/// What [`replay_log`] did.
+pub(super) struct Replayed {
+    pub(super) log: CommitLog,
+    /// The newest batch the database now holds.
+    pub(super) held: u64,
+    /// Acknowledged batches may have been lost (a damaged or missing log was recovered).
+    pub(super) lost: bool,
+}
+
 /// Open the commit log of `dir` and commit again, non-durably, every batch redb does not hold
-/// durably. Returns the log and the sequence number of the newest batch redb now holds.
+/// durably.
 pub(super) fn replay_log(
     db: &Database,
     dir: &Path,
     mode: OpenMode,
-) -> Result<(CommitLog, u64), StoreError> {
+) -> Result<Replayed, StoreError> {
     let (durable, marked) = durable_state(db)?;
     let (log, back) = CommitLog::open(dir, durable, mode)?;
     if let Some(reason) = &back.tail_reason {
@@ -395,7 +404,9 @@ pub(super) fn replay_log(
             "cut a torn tail off the commit log (a batch whose sync never completed: it was never acknowledged)"
         );
     }
-    if marked && back.entries.is_empty() {
+    let missing_log = marked && back.entries.is_empty();
+    let lost = missing_log || back.damage.is_some();
+    if missing_log {
         if mode == OpenMode::Strict {
             return Err(StoreError::LogMissing {
                 path: log.path().to_path_buf(),
@@ -440,5 +451,5 @@ pub(super) fn replay_log(
         txn.commit().map_err(dberr)?;
         held = entry.seq;
     }
-    Ok((log, held))
+    Ok(Replayed { log, held, lost })
 }

@@ -27,6 +27,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use meridian_replication::Version;
+use meridian_replication::codec::Reader;
 use meridian_replication::protocol::Frontier;
 use meridian_replication::wire::FrontierEntry;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -40,6 +41,12 @@ mod dump;
 pub use batch::{ItemOutcome, PendingChange, PendingReason, WriteItem};
 pub use codec::{IdempotentAnswer, StoredChange, StoredRecord};
 pub use dump::{DumpRow, dump};
+
+/// The record keys a commit-log batch holds, in order (for tools and recovery tests).
+pub fn batch_keys(batch: &commit_log::LoggedBatch) -> Result<Vec<String>, String> {
+    let (items, _) = batch::decode_batch(&batch.payload)?;
+    Ok(items.into_iter().map(|i| i.key).collect())
+}
 
 use batch::{apply_batch, encode_batch, replay_log};
 use commit_log::{CommitLog, CommitLogError, OpenMode};
@@ -61,6 +68,10 @@ const META_LOG_SEQ: &str = "log_seq";
 /// Present once a checkpoint was made while the commit log carried its marker: from then on
 /// the log is never empty, and an empty one was lost or truncated.
 const META_LOG_MARKED: &str = "log_marked";
+/// Set when a recovery may have lost acknowledged batches: this node's own log is known to be
+/// complete only up to this HLC, and what was lost was stamped before the second value (see
+/// [`Store::own_recovery`]). Cleared once peers have vouched for everything before it.
+const META_OWN_RECOVERY: &str = "own_recovery";
 /// Longest time between two checkpoints. A checkpoint holds the writer while redb flushes what
 /// the batches since the last one dirtied: every 2 s, that stall set replication lag p99 to
 /// ~30 ms at 1,000 writes/s; every 200 ms, 8.5 ms (and 64-client throughput did not drop).
@@ -126,6 +137,18 @@ pub struct StoreOptions {
     /// Start on a damaged or missing commit log, keeping every intact entry, instead of
     /// refusing (`meridian serve --recover`).
     pub recover_log: bool,
+    /// With `recover_log`: an HLC beyond every stamp the previous run can have issued (now
+    /// plus the maximum drift), the end of what a recovery may have lost.
+    pub lost_before_ntp64: u64,
+}
+
+/// What a recovery that may have lost acknowledged batches of this node's own origin left:
+/// the own log is complete up to `complete_to`, and what is missing was stamped before
+/// `lost_before`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnRecovery {
+    pub complete_to: u64,
+    pub lost_before: u64,
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -217,13 +240,30 @@ impl Store {
         } else {
             OpenMode::Strict
         };
-        let (log, replayed_to) = replay_log(&db, dir, mode)?;
+        let own_before = last_own_hlc(&db, node_id)?;
+        let replayed = replay_log(&db, dir, mode)?;
+        let (log, replayed_to) = (replayed.log, replayed.held);
         let (_, marked) = batch::durable_state(&db)?;
         let txn = db.begin_write().map_err(db_err)?;
         let identity = {
             let mut meta = txn.open_table(META).map_err(dberr)?;
             meta.insert(META_LOG_SEQ, &replayed_to.to_be_bytes()[..])
                 .map_err(dberr)?;
+            if replayed.lost {
+                // Own changes above what the database held before the replay may be gone; an
+                // earlier recovery that is not done yet widens the range.
+                let earlier = own_recovery(&meta)?;
+                let recovery = OwnRecovery {
+                    complete_to: earlier.map_or(own_before, |e| e.complete_to.min(own_before)),
+                    lost_before: earlier.map_or(options.lost_before_ntp64, |e| {
+                        e.lost_before.max(options.lost_before_ntp64)
+                    }),
+                };
+                let mut value = recovery.complete_to.to_be_bytes().to_vec();
+                value.extend_from_slice(&recovery.lost_before.to_be_bytes());
+                meta.insert(META_OWN_RECOVERY, value.as_slice())
+                    .map_err(dberr)?;
+            }
             txn.open_table(RECORDS).map_err(dberr)?;
             txn.open_table(CHANGES).map_err(dberr)?;
             txn.open_table(IDEMPOTENCY).map_err(dberr)?;
@@ -322,6 +362,24 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// After a recovery that may have lost acknowledged batches of this node's own origin:
+    /// what the own log is known to hold. `None` when nothing is missing.
+    pub fn own_recovery(&self) -> Result<Option<OwnRecovery>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let meta = txn.open_table(META).map_err(dberr)?;
+        own_recovery(&meta)
+    }
+
+    /// The recovery is done: peers vouched for this node's own changes up to its end.
+    pub fn finish_own_recovery(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        txn.open_table(META)
+            .map_err(dberr)?
+            .remove(META_OWN_RECOVERY)
+            .map_err(dberr)?;
+        txn.commit().map_err(dberr)
     }
 
     pub fn node_id(&self) -> &str {
@@ -621,6 +679,41 @@ impl Store {
 
 fn db_err(e: redb::TransactionError) -> StoreError {
     dberr(e)
+}
+
+/// The newest HLC of `node_id`'s own change log in `db`'s committed state.
+fn last_own_hlc(db: &Database, node_id: &str) -> Result<u64, StoreError> {
+    let txn = db.begin_read().map_err(dberr)?;
+    let changes = match txn.open_table(CHANGES) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(dberr(e)),
+    };
+    let last = changes
+        .range((node_id, 0)..=(node_id, u64::MAX))
+        .map_err(dberr)?
+        .next_back()
+        .transpose()
+        .map_err(dberr)?
+        .map_or(0, |(k, _)| k.value().1);
+    Ok(last)
+}
+
+fn own_recovery(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<OwnRecovery>, StoreError> {
+    let Some(guard) = meta.get(META_OWN_RECOVERY).map_err(dberr)? else {
+        return Ok(None);
+    };
+    let mut r = Reader::new(guard.value());
+    let (Ok(complete_to), Ok(lost_before), true) = (r.u64_be(), r.u64_be(), r.remaining() == 0)
+    else {
+        return Err(corrupt("meta own_recovery", "expected 16 bytes"));
+    };
+    Ok(Some(OwnRecovery {
+        complete_to,
+        lost_before,
+    }))
 }
 
 fn read_u32(

@@ -377,7 +377,10 @@ fn a_damaged_commit_log_is_refused_and_recover_keeps_every_intact_batch() {
     assert!(text.contains("3 intact entries follow"), "{text}");
     assert_eq!(std::fs::read(&log).unwrap(), bytes, "nothing was cut");
 
-    let options = StoreOptions { recover_log: true };
+    let options = StoreOptions {
+        recover_log: true,
+        lost_before_ntp64: 1_000,
+    };
     let (store, _) = Store::open_with(crash.path(), "n1", options).unwrap();
     for (key, n) in [("a", 1), ("b", 2), ("d", 4), ("e", 5), ("f", 6)] {
         assert_eq!(store.record(key).unwrap(), Some(record(n)), "{key}");
@@ -387,10 +390,21 @@ fn a_damaged_commit_log_is_refused_and_recover_keeps_every_intact_batch() {
         None,
         "batch 3 was in the damaged bytes"
     );
+    // The own log is known complete up to what the database held before the replay.
+    assert_eq!(
+        store.own_recovery().unwrap(),
+        Some(OwnRecovery {
+            complete_to: 1,
+            lost_before: 1_000
+        })
+    );
     drop(store);
-    // Recovered: the next open is a normal one.
+    // Recovered: the next open is a normal one, and the recovery stays until peers vouch.
     let (store, _) = Store::open(crash.path(), "n1").unwrap();
     assert_eq!(store.record("f").unwrap(), Some(record(6)));
+    assert!(store.own_recovery().unwrap().is_some());
+    store.finish_own_recovery().unwrap();
+    assert_eq!(store.own_recovery().unwrap(), None);
 }
 
 #[test]
@@ -405,9 +419,13 @@ fn an_empty_log_after_a_marker_was_checkpointed_is_refused() {
     let err = Store::open(dir.path(), "n1").err().expect("refused");
     assert!(matches!(err, StoreError::LogMissing { .. }), "{err}");
     assert!(err.to_string().contains("--recover"), "{err}");
-    let options = StoreOptions { recover_log: true };
+    let options = StoreOptions {
+        recover_log: true,
+        lost_before_ntp64: 1_000,
+    };
     let (store, _) = Store::open_with(dir.path(), "n1", options).unwrap();
     assert_eq!(store.record("a").unwrap(), Some(record(1)));
+    assert!(store.own_recovery().unwrap().is_some());
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //!
 //! Invariant: a batch vouches (progress) only for what the sender's own frontier covered
 //! *before* it scanned its log, and never carries a change of a class the subscriber's region
-//! may not hold.
+//! may not hold. A subscriber's own changes are sent back to it only if its `Hello` states
+//! what it holds of itself, and only above that: a node that lost part of its own log (a
+//! damaged commit log, a restore) states less and gets the rest back from its peers.
 
 use std::collections::VecDeque;
 
@@ -49,6 +51,12 @@ struct InFlight {
 /// of each origin's log stands.
 pub struct Outbound {
     peer_node: String,
+    /// The subscriber stated its own origin in its `Hello`: its own changes above what it
+    /// stated are streamed back to it, up to what this sender held of them when the link
+    /// began (`own_limit`, taken at the first poll): the subscriber's later changes are not
+    /// echoed.
+    streams_own: bool,
+    own_limit: Option<Frontier>,
     shared: Vec<String>,
     /// Acknowledged by the subscriber.
     acked: Frontier,
@@ -101,6 +109,8 @@ impl Outbound {
         let acked = Frontier::from_entries(stated).restricted_to(&shared);
         Outbound {
             peer_node: peer_node.to_string(),
+            streams_own: stated.iter().any(|e| e.origin == peer_node),
+            own_limit: None,
             sent: acked.clone(),
             acked,
             shared,
@@ -139,8 +149,8 @@ impl Outbound {
         let mut origins = source.origins();
         origins.sort();
         for origin in origins {
-            if origin == self.peer_node {
-                // The subscriber made these changes; it has them.
+            if origin == self.peer_node && !self.streams_own {
+                // The subscriber made these changes and does not say it lacks any.
                 continue;
             }
             let room = self.batch_changes.saturating_sub(changes.len());
@@ -148,11 +158,19 @@ impl Outbound {
                 break;
             }
             // The frontier first: everything it covers is in the log before the scan below.
-            let held: Vec<(String, u64)> = self
+            let mut held: Vec<(String, u64)> = self
                 .shared
                 .iter()
                 .map(|c| (c.clone(), source.frontier(&origin, c)))
                 .collect();
+            if origin == self.peer_node {
+                let limit = self
+                    .own_limit
+                    .get_or_insert_with(|| Frontier::from_entries(&held_entries(&origin, &held)));
+                for (class, h) in &mut held {
+                    *h = (*h).min(limit.get(&origin, class));
+                }
+            }
             // Start at the lowest `sent` of a class with something left (held above sent).
             // Derived on every poll: the log of a relayed origin grows out of HLC order across
             // classes, so a cached cursor could pass entries inserted behind it later.
@@ -172,8 +190,17 @@ impl Outbound {
                     exhausted = false;
                     break;
                 }
-                scanned_to = entry.hlc;
                 let class = policy.class_of(&entry.key);
+                if origin == self.peer_node
+                    && self
+                        .own_limit
+                        .as_ref()
+                        .is_some_and(|l| entry.hlc > l.get(&origin, class))
+                {
+                    // Made by the subscriber after this link began: it has it.
+                    continue;
+                }
+                scanned_to = entry.hlc;
                 if !self.shared.iter().any(|c| c == class) {
                     // Residency: the subscriber's region may not hold this record.
                     continue;
@@ -249,5 +276,124 @@ impl Outbound {
             self.acked.raise(&e.origin, &e.class, e.hlc);
         }
         Ok(done.changes)
+    }
+}
+
+fn held_entries(origin: &str, held: &[(String, u64)]) -> Vec<FrontierEntry> {
+    held.iter()
+        .map(|(class, hlc)| FrontierEntry {
+            origin: origin.to_string(),
+            class: class.clone(),
+            hlc: *hlc,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::convert::Infallible;
+
+    use super::*;
+
+    /// A sender's logs in memory: every origin complete up to its newest entry.
+    struct Logs(BTreeMap<String, Vec<LogEntry>>);
+
+    impl ChangeSource for Logs {
+        type Error = Infallible;
+        fn origins(&self) -> Vec<String> {
+            self.0.keys().cloned().collect()
+        }
+        fn read_after(
+            &self,
+            origin: &str,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<LogEntry>, Infallible> {
+            Ok(self.0.get(origin).map_or_else(Vec::new, |log| {
+                log.iter()
+                    .filter(|e| e.hlc > after)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }))
+        }
+        fn frontier(&self, origin: &str, _class: &str) -> u64 {
+            self.0
+                .get(origin)
+                .and_then(|l| l.last())
+                .map_or(0, |e| e.hlc)
+        }
+    }
+
+    /// Two regions, every record global.
+    fn policy() -> Policy {
+        let regions = ["r1".to_string(), "r2".to_string()];
+        Policy::new(Vec::new(), &regions).expect("policy")
+    }
+
+    fn log(n: u64) -> Vec<LogEntry> {
+        (1..=n)
+            .map(|hlc| LogEntry {
+                hlc,
+                key: format!("k{hlc}"),
+                change: vec![hlc as u8],
+            })
+            .collect()
+    }
+
+    /// What one poll sends of `origin`.
+    fn sent_of(batch: &Message, origin: &str) -> Vec<u64> {
+        match batch {
+            Message::Batch { changes, .. } => changes
+                .iter()
+                .filter(|c| c.origin == origin)
+                .map(|c| c.hlc)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_subscribers_own_changes_go_back_to_it_only_above_what_it_states_of_itself() {
+        let policy = policy();
+        let logs = Logs(BTreeMap::from([
+            ("a".to_string(), log(3)),
+            ("b".to_string(), log(10)),
+        ]));
+        let own = |hlc| FrontierEntry {
+            origin: "b".into(),
+            class: String::new(),
+            hlc,
+        };
+        // b states it holds its own changes up to 6: 7..=10 come back, and a's from the start.
+        let mut out = Outbound::new(&policy, "r1", "b", "r2", &[own(6)], StreamLimits::default());
+        let batch = out
+            .poll_batch(&logs, &policy)
+            .expect("poll")
+            .expect("a batch");
+        assert_eq!(sent_of(&batch, "b"), [7, 8, 9, 10]);
+        assert_eq!(sent_of(&batch, "a"), [1, 2, 3]);
+        // b states nothing of itself (a node of an older build): nothing of b goes back.
+        let mut out = Outbound::new(&policy, "r1", "b", "r2", &[], StreamLimits::default());
+        let batch = out
+            .poll_batch(&logs, &policy)
+            .expect("poll")
+            .expect("a batch");
+        assert!(sent_of(&batch, "b").is_empty());
+        // b holds all of itself: nothing of b, and no progress about b beyond what it said.
+        let mut out = Outbound::new(
+            &policy,
+            "r1",
+            "b",
+            "r2",
+            &[own(10)],
+            StreamLimits::default(),
+        );
+        let batch = out
+            .poll_batch(&logs, &policy)
+            .expect("poll")
+            .expect("a batch");
+        assert!(sent_of(&batch, "b").is_empty());
     }
 }
