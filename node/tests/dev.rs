@@ -251,13 +251,7 @@ async fn dev_latency_puts_the_link_emulator_between_regions() {
     assert_eq!(with_links.links.len(), 2, "one emulated link per direction");
     let (a, b) = (topology.nodes[0].api, topology.nodes[1].api);
     // Wait until the regions replicate at all (links up), then time one write across.
-    let warm = client
-        .put(format!("http://{a}/v1/kv/warm"))
-        .json(&json!({"x": 0}))
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(warm.status(), 200);
+    put_ok(&client, a, "warm", json!({"x": 0})).await;
     let deadline = Instant::now() + READY_DEADLINE;
     while client
         .get(format!("http://{b}/v1/kv/warm"))
@@ -275,13 +269,7 @@ async fn dev_latency_puts_the_link_emulator_between_regions() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let start = Instant::now();
-    let local = client
-        .put(format!("http://{a}/v1/kv/timed"))
-        .json(&json!({"x": 1}))
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(local.status(), 200);
+    put_ok(&client, a, "timed", json!({"x": 1})).await;
     loop {
         let r = client.get(format!("http://{b}/v1/kv/timed")).send().await;
         if matches!(r, Ok(ref r) if r.status() == 200) {
@@ -301,4 +289,14 @@ async fn dev_latency_puts_the_link_emulator_between_regions() {
         start.elapsed()
     );
     stop(dev, &dir, &topology, &client).await;
+}
+
+async fn put_ok(client: &reqwest::Client, api: std::net::SocketAddr, key: &str, value: Value) {
+    let answer = client
+        .put(format!("http://{api}/v1/kv/{key}"))
+        .json(&value)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {key} on {api}: {e}"));
+    assert_eq!(answer.status(), 200, "PUT {key} on {api}");
 }

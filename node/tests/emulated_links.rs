@@ -68,19 +68,24 @@ async fn proxy_set_changes_a_running_emulator_through_its_control_api() {
 
     let bin = env!("CARGO_BIN_EXE_meridian");
     let control_s = control.to_string();
-    let out = tokio::process::Command::new(bin)
-        .args(["proxy", "set", "--control", &control_s, "--link", "a:b"])
-        .args([
-            "--up",
-            "--delay-ms",
-            "7",
-            "--direction",
-            "reverse",
-            "--json",
-        ])
-        .output()
-        .await
-        .expect("run proxy set");
+    let proxy_set = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(bin);
+        command
+            .args(["proxy", "set", "--control", &control_s])
+            .args(args);
+        async move { command.output().await.expect("run proxy set") }
+    };
+    let out = proxy_set(&[
+        "--link",
+        "a:b",
+        "--up",
+        "--delay-ms",
+        "7",
+        "--direction",
+        "reverse",
+        "--json",
+    ])
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -90,43 +95,15 @@ async fn proxy_set_changes_a_running_emulator_through_its_control_api() {
     assert_eq!(printed[0].reverse.settings.delay_ms, 7);
     assert!(!printed[0].reverse.settings.down && printed[0].forward.settings.down);
 
-    let out = tokio::process::Command::new(bin)
-        .args(["proxy", "set", "--control", &control_s, "--all", "--up"])
-        .output()
-        .await
-        .expect("run proxy set");
+    let out = proxy_set(&["--all", "--up"]).await;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("a → b"));
 
-    let out = tokio::process::Command::new(bin)
-        .args([
-            "proxy",
-            "set",
-            "--control",
-            &control_s,
-            "--link",
-            "a:zz",
-            "--up",
-        ])
-        .output()
-        .await
-        .expect("run proxy set");
+    let out = proxy_set(&["--link", "a:zz", "--up"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no emulated link a -> zz"));
 
-    let out = tokio::process::Command::new(bin)
-        .args([
-            "proxy",
-            "set",
-            "--control",
-            &control_s,
-            "--all",
-            "--loss",
-            "3",
-        ])
-        .output()
-        .await
-        .expect("run proxy set");
+    let out = proxy_set(&["--all", "--loss", "3"]).await;
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -145,20 +122,12 @@ async fn quic_replication_crosses_the_emulator_and_stops_at_a_partition() {
     let emu = proxy_cmd::start(&topology, EmulatorOptions::default())
         .await
         .expect("start emulator");
-    let eu = NodeProcess::spawn(
-        &path,
-        "eu-1",
-        &dir.path().join("data-eu"),
-        topology.node("eu-1").expect("eu").api,
-        &[],
-    );
-    let us = NodeProcess::spawn(
-        &path,
-        "us-1",
-        &dir.path().join("data-us"),
-        topology.node("us-1").expect("us").api,
-        &[],
-    );
+    let spawn = |node: &str| {
+        let api = topology.node(node).expect("node in the topology").api;
+        let data = dir.path().join(format!("data-{node}"));
+        NodeProcess::spawn(&path, node, &data, api, &[])
+    };
+    let (eu, us) = (spawn("eu-1"), spawn("us-1"));
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()

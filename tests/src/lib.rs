@@ -117,6 +117,15 @@ impl Cluster {
         self.start_with(i, &topology, &[]);
     }
 
+    /// A cluster of `regions` regions, every node started and ready, and a client for it.
+    pub async fn running(regions: usize) -> (Cluster, reqwest::Client) {
+        let mut cluster = Cluster::new(regions);
+        cluster.start_all();
+        let client = reqwest::Client::new();
+        cluster.wait_all_ready(&client).await;
+        (cluster, client)
+    }
+
     pub fn start_all(&mut self) {
         for i in 0..self.nodes.len() {
             self.start(i);

@@ -47,10 +47,7 @@ fn converged_part(v: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_regions_converge_under_concurrent_writes() {
-    let mut cluster = Cluster::new(3);
-    cluster.start_all();
-    let client = reqwest::Client::new();
-    cluster.wait_all_ready(&client).await;
+    let (cluster, client) = Cluster::running(3).await;
     let nodes = apis(&cluster, &client);
     let increments = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
@@ -198,10 +195,7 @@ async fn a_node_with_a_certificate_from_another_ca_gets_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_resumes_without_a_full_resend() {
     const SENT_TO_US: &str = "meridian_replication_changes_sent_total{peer_region=\"us-east\"}";
-    let mut cluster = Cluster::new(2);
-    cluster.start_all();
-    let client = reqwest::Client::new();
-    cluster.wait_all_ready(&client).await;
+    let (mut cluster, client) = Cluster::running(2).await;
     let (a, b) = (cluster.api(0, &client), cluster.api(1, &client));
     for i in 0..200 {
         put_ok(&a, &format!("k/{i}"), json!({"i": i})).await;
@@ -491,10 +485,7 @@ fn logged_batches(data_dir: &std::path::Path) -> Vec<(u64, usize, usize, Vec<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_acknowledged_writes_gets_them_back_from_its_peers() {
-    let mut cluster = Cluster::new(2);
-    cluster.start_all();
-    let client = reqwest::Client::new();
-    cluster.wait_all_ready(&client).await;
+    let (mut cluster, client) = Cluster::running(2).await;
     let [eu, us] = [cluster.api(0, &client), cluster.api(1, &client)];
     let data = cluster.data_dir(0);
     // Writes on eu-west, one batch each, until its log holds several since its checkpoint;

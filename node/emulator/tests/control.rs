@@ -26,6 +26,11 @@ async fn serve(emu: &Emulator) -> SocketAddr {
     control
 }
 
+async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &str) -> T {
+    let answer = http.get(url).send().await.expect("GET");
+    answer.json().await.expect("a JSON answer")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_api_reads_changes_and_validates() {
     let echo = Echo::start().await;
@@ -40,24 +45,10 @@ async fn control_api_reads_changes_and_validates() {
     let r = http.get(url("/healthz")).send().await.expect("healthz");
     assert_eq!(r.status(), 200);
 
-    let links: Vec<LinkInfo> = http
-        .get(url("/links"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let links: Vec<LinkInfo> = get_json(&http, &url("/links")).await;
     assert_eq!(links.len(), 1);
     assert_eq!((links[0].from.as_str(), links[0].to.as_str()), ("a", "b"));
-    let raw: serde_json::Value = http
-        .get(url("/links/a/b"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let raw: serde_json::Value = get_json(&http, &url("/links/a/b")).await;
     for dir in ["forward", "reverse"] {
         assert!(
             raw[dir]["counters"]["bytes_forwarded"].is_u64(),
@@ -90,14 +81,7 @@ async fn control_api_reads_changes_and_validates() {
     let all: Vec<LinkInfo> = r.json().await.expect("json");
     assert!(all[0].forward.settings.down && all[0].reverse.settings.down);
     assert_eq!(all[0].forward.settings.delay_ms, 5);
-    let got: LinkInfo = http
-        .get(url("/links/a/b"))
-        .send()
-        .await
-        .expect("get one")
-        .json()
-        .await
-        .expect("json");
+    let got: LinkInfo = get_json(&http, &url("/links/a/b")).await;
     assert_eq!(got.forward.settings, all[0].forward.settings);
 
     for body in [

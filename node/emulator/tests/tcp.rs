@@ -9,8 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    DEADLINE, TcpUpstream, pattern, read_exactly, set, silent_for, tcp_connect, tcp_echo,
-    tcp_emulator_to, via, wait_link,
+    DEADLINE, TcpUpstream, pattern, read_exactly, set, set_delay_ms, set_down, silent_for,
+    tcp_connect, tcp_echo, tcp_emulator_to, via, wait_link,
 };
 use meridian_emulator::{DirectionSel, EmulatorOptions, SettingsUpdate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,13 +69,7 @@ async fn tcp_delay_applies_per_direction_and_jitter_keeps_the_order() {
     c.write_all(b"warm").await.expect("send");
     assert_eq!(read_exactly(&mut c, 4).await, b"warm");
 
-    set(
-        &emu,
-        SettingsUpdate {
-            delay_ms: Some(50),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_delay_ms(&emu, None, 50);
     for i in 0..3u8 {
         let start = Instant::now();
         c.write_all(&[i]).await.expect("send");
@@ -87,14 +81,7 @@ async fn tcp_delay_applies_per_direction_and_jitter_keeps_the_order() {
         );
     }
     // Only forward delayed: at least 50 ms.
-    set(
-        &emu,
-        SettingsUpdate {
-            delay_ms: Some(0),
-            direction: Some(DirectionSel::Reverse),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_delay_ms(&emu, Some(DirectionSel::Reverse), 0);
     let start = Instant::now();
     c.write_all(b"h").await.expect("send");
     assert_eq!(read_exactly(&mut c, 1).await, b"h");
@@ -149,13 +136,7 @@ async fn tcp_down_holds_bytes_and_delivers_them_when_cleared() {
     let mut upstream = TcpUpstream::start().await;
     let emu = tcp_emulator_to(upstream.addr, EmulatorOptions::default()).await;
     let via = via(&emu);
-    set(
-        &emu,
-        SettingsUpdate {
-            down: Some(true),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_down(&emu, None, true);
     // A connection made while down is still accepted; its bytes wait.
     let mut c = tcp_connect(via).await;
     let mut server = upstream.next().await;
@@ -179,13 +160,7 @@ async fn tcp_down_holds_bytes_and_delivers_them_when_cleared() {
     assert_eq!(info.forward.counters.bytes_forwarded, 0);
     assert_eq!(info.reverse.counters.bytes_forwarded, 0);
 
-    set(
-        &emu,
-        SettingsUpdate {
-            down: Some(false),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_down(&emu, None, false);
     assert!(
         read_exactly(&mut server, LEN_BYTES).await == payload,
         "the held bytes arrived changed"
@@ -213,14 +188,7 @@ async fn tcp_one_way_down_holds_forward_while_reverse_flows() {
     c.write_all(b"hi").await.expect("send");
     assert_eq!(read_exactly(&mut server, 2).await, b"hi");
 
-    let info = set(
-        &emu,
-        SettingsUpdate {
-            down: Some(true),
-            direction: Some(DirectionSel::Forward),
-            ..SettingsUpdate::default()
-        },
-    );
+    let info = set_down(&emu, Some(DirectionSel::Forward), true);
     assert!(info.forward.settings.down && !info.reverse.settings.down);
     c.write_all(b"request").await.expect("send");
     for i in 0..5 {
@@ -233,14 +201,7 @@ async fn tcp_one_way_down_holds_forward_while_reverse_flows() {
         "a byte crossed the forward partition"
     );
 
-    set(
-        &emu,
-        SettingsUpdate {
-            down: Some(false),
-            direction: Some(DirectionSel::Forward),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_down(&emu, Some(DirectionSel::Forward), false);
     assert_eq!(read_exactly(&mut server, 7).await, b"request");
 }
 

@@ -9,7 +9,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Echo, client, emulator_to, recv_within, round_trip_eventually, set, via};
+use common::{
+    DEADLINE, Echo, client, emulator_to, recv_within, round_trip_eventually, set, set_delay_ms,
+    set_down, udp_rig, via,
+};
 use meridian_emulator::{DirectionSel, Emulator, EmulatorOptions, LinkSpec, SettingsUpdate};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,19 +86,9 @@ async fn relays_both_ways_through_one_stable_upstream_socket_per_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_way_delay_applies_in_each_direction() {
-    let echo = Echo::start().await;
-    let emu = emulator_to(echo.addr).await;
-    let via = via(&emu);
-    let c = client().await;
-    // Warm up: the client's upstream socket exists before we measure.
-    round_trip_eventually(&c, via, b"warm").await;
-    set(
-        &emu,
-        SettingsUpdate {
-            delay_ms: Some(50),
-            ..SettingsUpdate::default()
-        },
-    );
+    // Warm: the client's upstream socket exists before anything is measured.
+    let (_echo, emu, via, c) = udp_rig(b"warm").await;
+    set_delay_ms(&emu, None, 50);
     for i in 0..3 {
         let start = Instant::now();
         c.send_to(format!("slow-{i}").as_bytes(), via)
@@ -110,14 +103,7 @@ async fn one_way_delay_applies_in_each_direction() {
         );
     }
     // Only one direction delayed: at least 50 ms.
-    set(
-        &emu,
-        SettingsUpdate {
-            delay_ms: Some(0),
-            direction: Some(DirectionSel::Reverse),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_delay_ms(&emu, Some(DirectionSel::Reverse), 0);
     let start = Instant::now();
     c.send_to(b"half", via).await.expect("send");
     recv_within(&c, DEADLINE).await.expect("answer");
@@ -129,21 +115,10 @@ async fn one_way_delay_applies_in_each_direction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_both_ways_and_one_way_then_heal() {
-    let echo = Echo::start().await;
-    let emu = emulator_to(echo.addr).await;
-    let via = via(&emu);
-    let c = client().await;
-    round_trip_eventually(&c, via, b"before").await;
+    let (echo, emu, via, c) = udp_rig(b"before").await;
 
     // Forward down: nothing reaches the server, nothing comes back.
-    set(
-        &emu,
-        SettingsUpdate {
-            down: Some(true),
-            direction: Some(DirectionSel::Forward),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_down(&emu, Some(DirectionSel::Forward), true);
     let before = echo.count();
     for _ in 0..5 {
         c.send_to(b"cut", via).await.expect("send");
@@ -158,22 +133,8 @@ async fn partitions_both_ways_and_one_way_then_heal() {
     assert_eq!(info.forward.counters.dropped_down, 5);
 
     // Reverse only down: requests arrive at the server, answers do not come back.
-    set(
-        &emu,
-        SettingsUpdate {
-            down: Some(false),
-            direction: Some(DirectionSel::Forward),
-            ..SettingsUpdate::default()
-        },
-    );
-    set(
-        &emu,
-        SettingsUpdate {
-            down: Some(true),
-            direction: Some(DirectionSel::Reverse),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_down(&emu, Some(DirectionSel::Forward), false);
+    set_down(&emu, Some(DirectionSel::Reverse), true);
     let before = echo.count();
     for _ in 0..5 {
         c.send_to(b"one-way", via).await.expect("send");
@@ -188,23 +149,13 @@ async fn partitions_both_ways_and_one_way_then_heal() {
     assert!(info.reverse.settings.down && !info.forward.settings.down);
 
     // Healed: flows again.
-    set(
-        &emu,
-        SettingsUpdate {
-            down: Some(false),
-            ..SettingsUpdate::default()
-        },
-    );
+    set_down(&emu, None, false);
     assert_eq!(round_trip_eventually(&c, via, b"after").await, b"after");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn total_loss_drops_everything_and_duplication_delivers_twice() {
-    let echo = Echo::start().await;
-    let emu = emulator_to(echo.addr).await;
-    let via = via(&emu);
-    let c = client().await;
-    round_trip_eventually(&c, via, b"warm").await;
+    let (echo, emu, via, c) = udp_rig(b"warm").await;
 
     set(
         &emu,
@@ -259,11 +210,7 @@ async fn total_loss_drops_everything_and_duplication_delivers_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reordering_delivers_everything_out_of_order() {
-    let echo = Echo::start().await;
-    let emu = emulator_to(echo.addr).await;
-    let via = via(&emu);
-    let c = client().await;
-    round_trip_eventually(&c, via, b"warm").await;
+    let (echo, emu, via, c) = udp_rig(b"warm").await;
     set(
         &emu,
         SettingsUpdate {

@@ -21,6 +21,14 @@ fn item(key: &str, n: u64) -> WriteItem {
     WriteItem::local(key.into(), record(n), "n1", n, vec![n as u8], None)
 }
 
+/// A store in a fresh directory whose first batch wrote record "a".
+fn store_holding_a() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), "n1").unwrap();
+    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    (dir, store)
+}
+
 #[test]
 fn record_encoding_round_trips_and_rejects_truncation() {
     let r = record(5);
@@ -238,9 +246,7 @@ fn batches_only_in_the_commit_log_are_committed_again_at_open_and_shown_by_dump(
 
 #[test]
 fn dump_shows_and_open_commits_a_batch_that_only_the_log_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path(), "n1").unwrap();
-    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    let (dir, store) = store_holding_a();
     drop(store);
     // A cleanly closed database at batch 1 and a log that also holds batch 2.
     let (mut log, back) = CommitLog::open(dir.path(), 0, OpenMode::Strict).unwrap();
@@ -258,9 +264,7 @@ fn dump_shows_and_open_commits_a_batch_that_only_the_log_holds() {
 
 #[test]
 fn a_log_that_does_not_follow_the_database_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path(), "n1").unwrap();
-    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    let (dir, store) = store_holding_a();
     drop(store);
     // Batch 10 in the log, the database durable at batch 1: 2..9 are missing.
     std::fs::write(dir.path().join(LOG_FILE), b"").unwrap();
@@ -320,9 +324,7 @@ fn crash_image(dir: &Path) -> tempfile::TempDir {
 /// A store durable at batch 1 (checkpointed) with batches 2..=6 acknowledged in the log only,
 /// as a crash image.
 fn store_with_log_only_batches() -> (tempfile::TempDir, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path(), "n1").unwrap();
-    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    let (dir, store) = store_holding_a();
     store.checkpoint().unwrap();
     let image_db = dir.path().join("db.image");
     std::fs::copy(dir.path().join(DB_FILE), &image_db).unwrap();
@@ -409,9 +411,7 @@ fn a_damaged_commit_log_is_refused_and_recover_keeps_every_intact_batch() {
 
 #[test]
 fn an_empty_log_after_a_marker_was_checkpointed_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path(), "n1").unwrap();
-    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    let (dir, store) = store_holding_a();
     store.checkpoint().unwrap();
     store.commit_batch(&[item("b", 2)], &[]).unwrap();
     drop(store);
@@ -431,9 +431,7 @@ fn an_empty_log_after_a_marker_was_checkpointed_is_refused() {
 #[test]
 fn a_data_directory_of_an_older_build_with_an_empty_log_opens() {
     // Before checkpoints left a marker, a cleanly stopped node left an empty log.
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path(), "n1").unwrap();
-    store.commit_batch(&[item("a", 1)], &[]).unwrap();
+    let (dir, store) = store_holding_a();
     drop(store);
     std::fs::write(dir.path().join(LOG_FILE), b"").unwrap();
     let (store, _) = Store::open(dir.path(), "n1").unwrap();

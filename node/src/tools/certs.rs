@@ -93,20 +93,12 @@ pub fn generate_certs(topology: &Topology, out_dir: &Path) -> Result<CertsReport
                 what: "the CA certificate".into(),
                 source,
             })?;
-        write_file(
-            &ca_key_path,
-            "CA key",
-            key.serialize_pem().as_bytes(),
-            0o600,
-        )?;
-        written.push(ca_key_path.clone());
-        write_file(
-            &ca_cert_path,
-            "CA certificate",
-            cert.pem().as_bytes(),
-            0o644,
-        )?;
-        written.push(ca_cert_path.clone());
+        let pair = KeyAndCert {
+            key_path: ca_key_path.clone(),
+            cert_path: ca_cert_path.clone(),
+            holder: Holder::Ca,
+        };
+        pair.write(&key, &cert, &mut written)?;
         Issuer::new(params, key)
     };
 
@@ -128,12 +120,12 @@ pub fn generate_certs(topology: &Topology, out_dir: &Path) -> Result<CertsReport
                 what: format!("the certificate of node {:?}", node.id),
                 source,
             })?;
-        let key_path = out_dir.join(format!("{}.key", node.id));
-        let cert_path = out_dir.join(format!("{}.pem", node.id));
-        write_file(&key_path, "node key", key.serialize_pem().as_bytes(), 0o600)?;
-        written.push(key_path);
-        write_file(&cert_path, "node certificate", cert.pem().as_bytes(), 0o644)?;
-        written.push(cert_path);
+        let pair = KeyAndCert {
+            key_path: out_dir.join(format!("{}.key", node.id)),
+            cert_path: out_dir.join(format!("{}.pem", node.id)),
+            holder: Holder::Node,
+        };
+        pair.write(&key, &cert, &mut written)?;
     }
     Ok(CertsReport { ca_reused, written })
 }
@@ -226,6 +218,42 @@ fn read_text(path: &Path, what: &'static str) -> Result<String, CertsError> {
 /// Writes through a fresh temporary file created with `mode` and renamed into place, so that a
 /// key is never readable by others, not even for a moment or when it replaces an older file
 /// with looser permissions, and a crash leaves the old file or the new one, never half of one.
+/// Where a key and its certificate go: the key readable by its owner only.
+struct KeyAndCert {
+    key_path: PathBuf,
+    cert_path: PathBuf,
+    holder: Holder,
+}
+
+enum Holder {
+    Ca,
+    Node,
+}
+
+impl KeyAndCert {
+    fn write(
+        self,
+        key: &KeyPair,
+        cert: &rcgen::Certificate,
+        written: &mut Vec<PathBuf>,
+    ) -> Result<(), CertsError> {
+        let (key_what, cert_what) = match self.holder {
+            Holder::Ca => ("CA key", "CA certificate"),
+            Holder::Node => ("node key", "node certificate"),
+        };
+        write_file(
+            &self.key_path,
+            key_what,
+            key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        written.push(self.key_path);
+        write_file(&self.cert_path, cert_what, cert.pem().as_bytes(), 0o644)?;
+        written.push(self.cert_path);
+        Ok(())
+    }
+}
+
 fn write_file(
     path: &Path,
     what: &'static str,

@@ -151,25 +151,15 @@ impl ApiClient {
     /// `GET path` parsed as JSON, or `None` if the request failed or the body is not JSON
     /// (for polling).
     pub async fn try_json(&self, path: &str) -> Option<Value> {
-        self.http
-            .get(self.url(path))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()
+        self.try_get(path).await?.json().await.ok()
     }
 
     /// `GET path` as text, or `None` if the request failed (for polling).
     pub async fn text(&self, path: &str) -> Option<String> {
-        self.http
-            .get(self.url(path))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()
+        self.try_get(path).await?.text().await.ok()
+    }
+
+    async fn try_get(&self, path: &str) -> Option<reqwest::Response> {
+        self.http.get(self.url(path)).send().await.ok()
     }
 }

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meridian_emulator::{Emulator, EmulatorOptions, LinkInfo, LinkSpec, SettingsUpdate};
+use meridian_emulator::{
+    DirectionSel, Emulator, EmulatorOptions, LinkInfo, LinkSpec, SettingsUpdate,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -112,6 +114,42 @@ pub async fn round_trip_eventually(socket: &UdpSocket, to: SocketAddr, payload: 
 
 pub fn set(emu: &Emulator, update: SettingsUpdate) -> LinkInfo {
     emu.set("a", "b", &update).expect("valid settings")
+}
+
+/// Takes the link a -> b down or up, in one direction or (`None`) both.
+pub fn set_down(emu: &Emulator, direction: Option<DirectionSel>, down: bool) -> LinkInfo {
+    set(
+        emu,
+        SettingsUpdate {
+            down: Some(down),
+            direction,
+            ..SettingsUpdate::default()
+        },
+    )
+}
+
+/// Sets the one-way delay of the link a -> b, in one direction or (`None`) both.
+pub fn set_delay_ms(emu: &Emulator, direction: Option<DirectionSel>, delay_ms: u64) -> LinkInfo {
+    set(
+        emu,
+        SettingsUpdate {
+            delay_ms: Some(delay_ms),
+            direction,
+            ..SettingsUpdate::default()
+        },
+    )
+}
+
+/// A UDP echo server behind the emulated link a -> b, the emulator, the link's address and
+/// one client whose upstream socket already exists (one round trip made with `payload`), so
+/// that measurements start warm.
+pub async fn udp_rig(payload: &[u8]) -> (Echo, Emulator, SocketAddr, UdpSocket) {
+    let echo = Echo::start().await;
+    let emu = emulator_to(echo.addr).await;
+    let via = via(&emu);
+    let client = client().await;
+    round_trip_eventually(&client, via, payload).await;
+    (echo, emu, via, client)
 }
 
 pub async fn tcp_emulator_to(upstream: SocketAddr, options: EmulatorOptions) -> Emulator {

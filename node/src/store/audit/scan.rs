@@ -26,7 +26,8 @@ pub(super) fn scan_db(
     let mut scanned = KindCounts::default();
     let mut violations = Vec::new();
     let excluding = any_rule_excludes(policy, region);
-    let mut found = |rule: &Rule, key: &str, what: ViolationKind| {
+    let mut found = |rule: &Rule, kind: Kind, key: &str, what: ViolationKind| {
+        tally.add(rule, kind);
         if violations.len() < max_listed {
             violations.push(Violation {
                 key: key.to_owned(),
@@ -37,63 +38,41 @@ pub(super) fn scan_db(
         }
     };
 
-    if let Some(table) = open_read(&txn, RECORDS)? {
-        if !excluding {
-            scanned.records = table.len().map_err(dberr)?;
-        } else {
-            for item in table.iter().map_err(dberr)? {
-                let (k, v) = item.map_err(dberr)?;
-                scanned.records += 1;
-                let key = k.value();
-                if let Some(rule) = disallowing(policy, region, key) {
-                    let record = StoredRecord::decode(v.value())
-                        .map_err(|why| corrupt(format!("record {key:?}"), why))?;
-                    tally.add(rule, Kind::Record);
-                    found(
-                        rule,
-                        key,
-                        ViolationKind::Record {
-                            deleted: !record.live,
-                        },
-                    );
-                }
-            }
+    scanned.records = visit_rows(open_read(&txn, RECORDS)?, excluding, |k, v| {
+        let key = k.value();
+        if let Some(rule) = disallowing(policy, region, key) {
+            let record = StoredRecord::decode(v.value())
+                .map_err(|why| corrupt(format!("record {key:?}"), why))?;
+            let deleted = !record.live;
+            found(rule, Kind::Record, key, ViolationKind::Record { deleted });
         }
-    }
-    if let Some(table) = open_read(&txn, CHANGES)? {
-        if !excluding {
-            scanned.log_entries = table.len().map_err(dberr)?;
-        } else {
-            for item in table.iter().map_err(dberr)? {
-                let (k, v) = item.map_err(dberr)?;
-                scanned.log_entries += 1;
-                let (origin, hlc) = k.value();
-                let key = log_entry_key(v.value())
-                    .map_err(|why| corrupt(format!("log entry {origin}@{hlc:016x}"), why))?;
-                if let Some(rule) = disallowing(policy, region, key) {
-                    tally.add(rule, Kind::LogEntry);
-                    let origin = origin.to_owned();
-                    found(rule, key, ViolationKind::LogEntry { origin, hlc });
-                }
-            }
+        Ok(())
+    })?;
+    scanned.log_entries = visit_rows(open_read(&txn, CHANGES)?, excluding, |k, v| {
+        let (origin, hlc) = k.value();
+        let key = log_entry_key(v.value())
+            .map_err(|why| corrupt(format!("log entry {origin}@{hlc:016x}"), why))?;
+        if let Some(rule) = disallowing(policy, region, key) {
+            let what = ViolationKind::LogEntry {
+                origin: origin.to_owned(),
+                hlc,
+            };
+            found(rule, Kind::LogEntry, key, what);
         }
-    }
-    if let Some(table) = open_read(&txn, PENDING)? {
-        if !excluding {
-            scanned.pending = table.len().map_err(dberr)?;
-        } else {
-            for item in table.iter().map_err(dberr)? {
-                let (k, _) = item.map_err(dberr)?;
-                scanned.pending += 1;
-                let (key, origin, hlc) = k.value();
-                if let Some(rule) = disallowing(policy, region, key) {
-                    tally.add(rule, Kind::Pending);
-                    let origin = origin.to_owned();
-                    found(rule, key, ViolationKind::Pending { origin, hlc });
-                }
-            }
+        Ok(())
+    })?;
+    scanned.pending = visit_rows(open_read(&txn, PENDING)?, excluding, |k, _| {
+        let (key, origin, hlc) = k.value();
+        let rule = disallowing(policy, region, key);
+        if let Some(rule) = rule {
+            let what = ViolationKind::Pending {
+                origin: origin.to_owned(),
+                hlc,
+            };
+            found(rule, Kind::Pending, key, what);
         }
-    }
+        Ok(())
+    })?;
     let total = tally.total();
     Ok(AuditReport {
         node: node.to_owned(),
@@ -104,4 +83,27 @@ pub(super) fn scan_db(
         total,
         violations,
     })
+}
+
+/// Counts the rows of `table` (none when it does not exist). When some rule excludes this
+/// region, `visit` sees every row; otherwise nothing can be a violation and the count comes from
+/// the table's metadata without reading a row.
+fn visit_rows<K: redb::Key + 'static, V: redb::Value + 'static>(
+    table: Option<redb::ReadOnlyTable<K, V>>,
+    excluding: bool,
+    mut visit: impl FnMut(redb::AccessGuard<'_, K>, redb::AccessGuard<'_, V>) -> Result<(), StoreError>,
+) -> Result<u64, StoreError> {
+    let Some(table) = table else {
+        return Ok(0);
+    };
+    if !excluding {
+        return table.len().map_err(dberr);
+    }
+    let mut rows = 0;
+    for item in table.iter().map_err(dberr)? {
+        let (k, v) = item.map_err(dberr)?;
+        rows += 1;
+        visit(k, v)?;
+    }
+    Ok(rows)
 }

@@ -11,6 +11,14 @@ fn open(dir: &Path) -> (CommitLog, ReadBack) {
     CommitLog::open(dir, 0, OpenMode::Strict).expect("open")
 }
 
+/// An open log holding entries 1 ("one") and 2 ("two").
+fn log_of_one_and_two(dir: &Path) -> CommitLog {
+    let (mut log, _) = open(dir);
+    log.append(1, b"one").expect("append");
+    log.append(2, b"two").expect("append");
+    log
+}
+
 /// A log of entries 1..=n with payloads "e<seq>", closed.
 fn log_of(dir: &Path, n: u64) -> Vec<u8> {
     let (mut log, _) = open(dir);
@@ -63,9 +71,7 @@ fn entries_survive_a_reopen_and_clear_leaves_only_the_marker() {
 #[test]
 fn a_torn_tail_is_cut_off_and_appends_continue_after_the_intact_prefix() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut log, _) = open(dir.path());
-    log.append(1, b"one").expect("append");
-    log.append(2, b"two").expect("append");
+    let log = log_of_one_and_two(dir.path());
     let intact = log.len_bytes();
     drop(log);
     // A crash in the middle of the third append: its header and part of its payload.
@@ -192,9 +198,7 @@ fn damage_with_nothing_newer_than_the_database_loses_nothing_and_is_cut() {
 #[test]
 fn a_missing_sequence_number_between_intact_entries_is_damage() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut log, _) = open(dir.path());
-    log.append(1, b"one").expect("append");
-    log.append(2, b"two").expect("append");
+    let mut log = log_of_one_and_two(dir.path());
     log.append(4, b"four").expect("append");
     drop(log);
     let back = CommitLog::read(dir.path()).expect("read");
