@@ -118,6 +118,7 @@ impl From<WriteError> for ApiError {
                 ApiError::new(422, "idempotency_key_reused", message)
             }
             WriteError::Storage(_) => ApiError::new(503, "storage_failed", message),
+            WriteError::CorruptRecord { .. } => ApiError::new(500, "corrupt_record", message),
             WriteError::ShuttingDown => ApiError::new(503, "shutting_down", message),
         }
     }
@@ -131,6 +132,8 @@ impl From<ReadError> for ApiError {
             ReadError::NoAllowedRegionReachable(p) => {
                 ApiError::pinned(503, "home_region_unreachable", message, &p)
             }
+            // Logged and counted where it was found (`Engine::corrupt_record_found`).
+            ReadError::CorruptRecord { .. } => ApiError::new(500, "corrupt_record", message),
             ReadError::Storage(_) | ReadError::CorruptView { .. } => {
                 tracing::error!(error = %message, "read failed");
                 ApiError::new(500, "storage_failed", message)

@@ -32,6 +32,8 @@ pub enum WriteError {
     IdempotencyKeyReused(String),
     #[error("storage failed: {0}")]
     Storage(String),
+    #[error("stored record {key:?} is corrupt ({why}); it is being rebuilt from the change log")]
+    CorruptRecord { key: String, why: String },
     #[error("the node is shutting down")]
     ShuttingDown,
 }
@@ -52,4 +54,6 @@ pub enum ReadError {
     Storage(#[from] StoreError),
     #[error("stored view of {key:?} is not valid JSON: {why}")]
     CorruptView { key: String, why: String },
+    #[error("stored record {key:?} is corrupt ({why}); it is being rebuilt from the change log")]
+    CorruptRecord { key: String, why: String },
 }

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::NodeClock;
 use crate::config::Topology;
 use crate::observe::metrics::{Metrics, OpLabels};
-use crate::store::{ItemOutcome, Store, StoredRecord, WriteItem};
+use crate::store::{ItemOutcome, Listed, Store, StoreError, StoredRecord, WriteItem};
 use crate::sync::lock;
 use meridian_replication::version::ntp64_from_ms;
 use meridian_replication::wire::FrontierEntry;
@@ -91,12 +91,14 @@ pub struct WriteAnswer {
 
 mod error;
 mod remote;
+mod repair;
 mod stamps;
 mod write;
 mod writer;
 
 pub use error::{Pinned, ReadError, WriteError};
 pub use remote::{ApplyStats, PreparedApply};
+pub use repair::{RepairError, RepairOutcome};
 use stamps::StampBook;
 pub use writer::WriterHandle;
 use writer::{Job, run_writer};
@@ -127,6 +129,23 @@ impl ReadRecord {
             out.insert("conflicts".into(), c.clone());
         }
         Json::Object(out)
+    }
+}
+
+/// One entry of a listing: a record, or the key of a record whose stored bytes are corrupt
+/// (being rebuilt; a read of it answers 500 `corrupt_record` until then).
+#[derive(Clone, Debug)]
+pub enum ListEntry {
+    Record(ReadRecord),
+    Corrupt(String),
+}
+
+impl ListEntry {
+    pub fn key(&self) -> &str {
+        match self {
+            ListEntry::Record(r) => &r.key,
+            ListEntry::Corrupt(key) => key,
+        }
     }
 }
 
@@ -179,6 +198,10 @@ pub struct Engine {
     stamps: Mutex<StampBook>,
     /// Bumped after every commit, so that senders wake up for new log entries.
     committed: tokio::sync::watch::Sender<u64>,
+    /// This engine, for the repair tasks it starts.
+    self_ref: std::sync::Weak<Engine>,
+    /// Keys whose repair is under way (at most [`repair::MAX_REPAIRS_AT_ONCE`]).
+    repairs: Mutex<std::collections::HashSet<String>>,
 }
 
 pub struct EngineConfig {
@@ -232,7 +255,7 @@ impl Engine {
                 );
             })
             .map_err(|e| format!("cannot start the writer thread: {e}"))?;
-        let engine = Arc::new(Engine {
+        let engine = Arc::new_cyclic(|self_ref| Engine {
             node_id: node_id.to_string(),
             region,
             topology,
@@ -247,6 +270,8 @@ impl Engine {
             healthy: AtomicBool::new(true),
             stamps: Mutex::new(StampBook::new(last_own_hlc)),
             committed,
+            self_ref: self_ref.clone(),
+            repairs: Mutex::new(std::collections::HashSet::new()),
         });
         Ok((engine, WriterHandle(handle)))
     }
@@ -397,9 +422,14 @@ impl Engine {
                 Foreign::Forward => ReadError::NoAllowedRegionReachable(pinned),
             });
         }
-        match self.store.record(key)? {
-            Some(rec) if rec.live => Ok(Some(to_read_record(key, rec)?)),
-            _ => Ok(None),
+        match self.store.record(key) {
+            Ok(Some(rec)) if rec.live => Ok(Some(to_read_record(key, rec)?)),
+            Ok(_) => Ok(None),
+            Err(StoreError::CorruptRecord { key, why }) => {
+                self.corrupt_record_found(&key, &why);
+                Err(ReadError::CorruptRecord { key, why })
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -409,12 +439,18 @@ impl Engine {
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<ReadRecord>, ReadError> {
-        self.store
-            .list(prefix, after, limit)?
-            .into_iter()
-            .map(|(k, rec)| to_read_record(&k, rec))
-            .collect()
+    ) -> Result<Vec<ListEntry>, ReadError> {
+        let mut entries = Vec::new();
+        for (key, listed) in self.store.list(prefix, after, limit)? {
+            entries.push(match listed {
+                Listed::Record(rec) => ListEntry::Record(to_read_record(&key, rec)?),
+                Listed::Corrupt(why) => {
+                    self.corrupt_record_found(&key, &why);
+                    ListEntry::Corrupt(key)
+                }
+            });
+        }
+        Ok(entries)
     }
 }
 

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::clock::unix_ms;
 use crate::observe::metrics::{OpLabels, OpOnly};
-use crate::store::{IdempotentAnswer, ItemOutcome, StoredRecord, WriteItem};
+use crate::store::{IdempotentAnswer, ItemOutcome, StoreError, StoredRecord, WriteItem};
 
 impl Engine {
     pub async fn write(
@@ -168,10 +168,14 @@ impl Engine {
 
     /// The stored record and its document; `None` when the record does not exist here.
     pub(super) fn load_stored(&self, key: &str) -> Result<Option<CachedDoc>, WriteError> {
-        let stored = self
-            .store
-            .record(key)
-            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        let stored = match self.store.record(key) {
+            Ok(stored) => stored,
+            Err(StoreError::CorruptRecord { key, why }) => {
+                self.corrupt_record_found(&key, &why);
+                return Err(WriteError::CorruptRecord { key, why });
+            }
+            Err(e) => return Err(WriteError::Storage(e.to_string())),
+        };
         match stored {
             Some(stored) => {
                 let doc = RecordDoc::load(&stored.doc, self.actor.clone())?;

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::{AppState, refuse};
+use crate::engine::ListEntry;
 use crate::ops::ApiError;
 
 /// Largest page of the list endpoint.
@@ -42,16 +43,32 @@ pub(super) async fn list(
     }
     let prefix = params.prefix.unwrap_or_default();
     // Fetch one more than asked, to know whether another page follows.
-    let mut records = state
+    let mut entries = state
         .engine
         .list(&prefix, params.after.as_deref(), limit + 1)?;
-    let more = records.len() > limit;
-    records.truncate(limit);
+    let more = entries.len() > limit;
+    entries.truncate(limit);
     let next = if more {
-        records.last().map(|r| Json::String(r.key.clone()))
+        entries.last().map(|e| Json::String(e.key().to_owned()))
     } else {
         None
     };
-    let items: Vec<Json> = records.iter().map(|r| r.to_json()).collect();
-    Ok(axum::Json(json!({"items": items, "next": next.unwrap_or(Json::Null)})).into_response())
+    let mut items = Vec::new();
+    let mut corrupt = Vec::new();
+    for entry in &entries {
+        match entry {
+            ListEntry::Record(r) => items.push(r.to_json()),
+            ListEntry::Corrupt(key) => corrupt.push(Json::String(key.clone())),
+        }
+    }
+    let mut page = json!({"items": items, "next": next.unwrap_or(Json::Null)});
+    // A damaged record never fails the page: its key is listed apart (an extension of the
+    // SPEC's answer, present only when there is one) and a read of it answers 500
+    // `corrupt_record` until it is rebuilt.
+    if !corrupt.is_empty()
+        && let Some(page) = page.as_object_mut()
+    {
+        page.insert("corrupt".into(), Json::Array(corrupt));
+    }
+    Ok(axum::Json(page).into_response())
 }

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub pending_changes: Family<Reason, Gauge>,
     pub link_errors_total: Family<PeerRegion, Counter>,
     pub apply_lag_seconds: Family<PeerRegion, Histogram, fn() -> Histogram>,
+    pub corrupt_records_total: Counter,
+    pub record_repairs_total: Family<Reason, Counter>,
 }
 
 /// `metric`, registered in `registry` under `name` with `help`.
@@ -208,8 +210,22 @@ impl Metrics {
             "Per received change: time from its origin HLC stamp to its durable application here",
             Family::<PeerRegion, Histogram, fn() -> Histogram>::new_with_constructor(lag_histogram),
         );
+        let corrupt_records_total = registered(
+            r,
+            "corrupt_records",
+            "Reads that found a stored record whose bytes fail their checksum or do not decode",
+            Counter::default(),
+        );
+        let record_repairs_total = registered(
+            r,
+            "record_repairs",
+            "Repairs of corrupt records, by outcome (rebuilt from the change log, intact by then, failed)",
+            Family::<Reason, Counter>::default(),
+        );
         Metrics {
             registry,
+            corrupt_records_total,
+            record_repairs_total,
             apply_lag_seconds,
             replication_lag_seconds,
             peer_up,

@@ -1,7 +1,11 @@
 //! The encodings of what the tables hold: records, change-log entries, idempotent answers.
 //!
 //! Every decoder checks lengths before it reads: a corrupt value is an error naming what is
-//! corrupt, never a panic.
+//! corrupt, never a panic. Records and change-log entries end in a CRC-32 of everything before
+//! it, verified on every read, so that a flipped bit in redb's file is found at the record it
+//! damaged (redb checksums its pages only under `Durability::Paranoid`, which we do not use).
+//! The formats written before checksums existed (record format 1, log entries without a
+//! marker) are still read.
 
 use meridian_replication::Version;
 use meridian_replication::codec::Reader;
@@ -22,7 +26,38 @@ pub struct StoredRecord {
 }
 
 const RECORD_MAGIC: u8 = 0xA7;
-const RECORD_FORMAT: u8 = 1;
+/// 1: no checksum (read only); 2: a CRC-32 trailer.
+const RECORD_FORMAT: u8 = 2;
+const RECORD_FORMAT_UNCHECKED: u8 = 1;
+const CHECKSUM_BYTES: usize = 4;
+
+/// Appends the checksum of everything in `out` so far.
+fn seal(out: &mut Vec<u8>) {
+    let sum = crc32(out);
+    out.extend_from_slice(&sum.to_be_bytes());
+}
+
+/// `bytes` without its checksum trailer, once the trailer matches.
+fn unseal(bytes: &[u8]) -> Result<&[u8], String> {
+    let Some(body_len) = bytes.len().checked_sub(CHECKSUM_BYTES) else {
+        return Err("too short for its checksum".into());
+    };
+    let (body, trailer) = bytes.split_at(body_len);
+    let mut stored = [0u8; CHECKSUM_BYTES];
+    stored.copy_from_slice(trailer);
+    let stored = u32::from_be_bytes(stored);
+    let computed = crc32(body);
+    if stored != computed {
+        return Err(format!(
+            "checksum mismatch (stored {stored:08x}, computed {computed:08x})"
+        ));
+    }
+    Ok(body)
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
 
 impl StoredRecord {
     pub fn encode(&self) -> Vec<u8> {
@@ -40,18 +75,20 @@ impl StoredRecord {
         out.extend_from_slice(&self.view_json);
         out.extend_from_slice(&(self.doc.len() as u32).to_be_bytes());
         out.extend_from_slice(&self.doc);
+        seal(&mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader::new(bytes);
-        if r.u8()? != RECORD_MAGIC {
-            return Err("bad magic byte".into());
-        }
-        let format = r.u8()?;
-        if format != RECORD_FORMAT {
-            return Err(format!("unknown record format {format}"));
-        }
+        let body = match bytes {
+            [RECORD_MAGIC, RECORD_FORMAT, ..] => unseal(bytes)?,
+            [RECORD_MAGIC, RECORD_FORMAT_UNCHECKED, ..] => bytes,
+            [RECORD_MAGIC, format, ..] => return Err(format!("unknown record format {format}")),
+            [_, ..] => return Err("bad magic byte".into()),
+            [] => return Err("empty".into()),
+        };
+        let mut r = Reader::new(body);
+        r.take(2)?;
         let live = r.u8()? != 0;
         let version = Version {
             time_ntp64: r.u64_be()?,
@@ -79,6 +116,10 @@ impl StoredRecord {
     }
 }
 
+/// Marks a checksummed log entry. An entry without it starts with its key's length, whose
+/// first byte is at most 0x02 (keys are at most 512 bytes), so the two cannot be confused.
+const LOG_ENTRY_MARKER: u8 = 0xC5;
+
 /// One entry of an origin's change log.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredChange {
@@ -88,15 +129,17 @@ pub struct StoredChange {
 
 impl StoredChange {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 + self.key.len() + self.change.len());
+        let mut out = Vec::with_capacity(3 + self.key.len() + self.change.len() + CHECKSUM_BYTES);
+        out.push(LOG_ENTRY_MARKER);
         out.extend_from_slice(&(self.key.len() as u16).to_be_bytes());
         out.extend_from_slice(self.key.as_bytes());
         out.extend_from_slice(&self.change);
+        seal(&mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader::new(bytes);
+        let mut r = Reader::new(log_entry_body(bytes)?);
         let len = r.u16_be()? as usize;
         let key = std::str::from_utf8(r.take(len)?)
             .map_err(|_| "log entry key is not UTF-8".to_string())?
@@ -105,6 +148,14 @@ impl StoredChange {
             key,
             change: r.rest().to_vec(),
         })
+    }
+}
+
+/// A log entry's key length, key and change, its checksum verified (for a checksummed entry).
+pub(super) fn log_entry_body(bytes: &[u8]) -> Result<&[u8], String> {
+    match bytes {
+        [LOG_ENTRY_MARKER, ..] => Ok(&unseal(bytes)?[1..]),
+        _ => Ok(bytes),
     }
 }
 
@@ -142,3 +193,6 @@ impl IdempotentAnswer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

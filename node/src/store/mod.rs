@@ -37,10 +37,12 @@ mod batch;
 mod codec;
 pub mod commit_log;
 mod dump;
+mod repair;
 
 pub use batch::{ItemOutcome, PendingChange, PendingReason, WriteItem};
 pub use codec::{IdempotentAnswer, StoredChange, StoredRecord};
 pub use dump::{DumpRow, dump};
+pub use repair::KeyChange;
 
 /// The record keys a commit-log batch holds, in order (for tools and recovery tests).
 pub fn batch_keys(batch: &commit_log::LoggedBatch) -> Result<Vec<String>, String> {
@@ -115,6 +117,8 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     #[error("stored {what} is corrupt: {why}")]
     Corrupt { what: String, why: String },
+    #[error("stored record {key:?} is corrupt: {why}")]
+    CorruptRecord { key: String, why: String },
     #[error(transparent)]
     Log(#[from] CommitLogError),
     #[error(
@@ -160,6 +164,14 @@ fn corrupt(what: impl Into<String>, why: impl Into<String>) -> StoreError {
         what: what.into(),
         why: why.into(),
     }
+}
+
+/// One entry of a listing.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Listed {
+    Record(StoredRecord),
+    /// The record's bytes do not decode or fail their checksum: why.
+    Corrupt(String),
 }
 
 /// Kept-aside changes by reason.
@@ -306,13 +318,7 @@ impl Store {
             // The newest stamp issued here is the last key of this node's own change log:
             // derived, so commits need not write it again.
             let changes = txn.open_table(CHANGES).map_err(dberr)?;
-            let last_time = changes
-                .range((node_id, 0)..=(node_id, u64::MAX))
-                .map_err(dberr)?
-                .next_back()
-                .transpose()
-                .map_err(dberr)?
-                .map_or(0, |(k, _)| k.value().1);
+            let last_time = newest_stamp_of(&changes, node_id)?;
             // A purge (residency policy change) may delete the newest own entries; the floor
             // recorded at every open keeps the clock from going back after one.
             drop(changes);
@@ -386,24 +392,27 @@ impl Store {
         &self.node_id
     }
 
+    /// The record stored under `key`; [`StoreError::CorruptRecord`] when its bytes do not
+    /// decode or fail their checksum.
     pub fn record(&self, key: &str) -> Result<Option<StoredRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(RECORDS).map_err(dberr)?;
-        let Some(guard) = table.get(key).map_err(dberr)? else {
-            return Ok(None);
-        };
-        StoredRecord::decode(guard.value())
-            .map(Some)
-            .map_err(|why| corrupt(format!("record {key:?}"), why))
+        let decoded = self.get_decoded(RECORDS, key, StoredRecord::decode)?;
+        decoded
+            .transpose()
+            .map_err(|why| StoreError::CorruptRecord {
+                key: key.to_owned(),
+                why,
+            })
     }
 
-    /// Live records in key order with the given prefix, strictly after `after`.
+    /// Live records in key order with the given prefix, strictly after `after`. A record whose
+    /// bytes are corrupt is listed as [`Listed::Corrupt`] (it may have been deleted: that is
+    /// not known), so that one damaged record never fails a whole page.
     pub fn list(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<(String, StoredRecord)>, StoreError> {
+    ) -> Result<Vec<(String, Listed)>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(RECORDS).map_err(dberr)?;
         let start = match after {
@@ -420,10 +429,10 @@ impl Store {
             if !key.starts_with(prefix) || out.len() >= limit {
                 break;
             }
-            let rec = StoredRecord::decode(v.value())
-                .map_err(|why| corrupt(format!("record {key:?}"), why))?;
-            if rec.live {
-                out.push((key.to_string(), rec));
+            match StoredRecord::decode(v.value()) {
+                Ok(rec) if rec.live => out.push((key.to_string(), Listed::Record(rec))),
+                Ok(_) => {}
+                Err(why) => out.push((key.to_string(), Listed::Corrupt(why))),
             }
         }
         Ok(out)
@@ -433,14 +442,23 @@ impl Store {
         &self,
         idem_key: &str,
     ) -> Result<Option<IdempotentAnswer>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(IDEMPOTENCY).map_err(dberr)?;
-        let Some(guard) = table.get(idem_key).map_err(dberr)? else {
-            return Ok(None);
-        };
-        IdempotentAnswer::decode(guard.value())
-            .map(Some)
+        let decoded = self.get_decoded(IDEMPOTENCY, idem_key, IdempotentAnswer::decode)?;
+        decoded
+            .transpose()
             .map_err(|why| corrupt("idempotency entry", why))
+    }
+
+    /// The value under `key` in a committed table keyed by strings, decoded; `None` when absent.
+    fn get_decoded<T, E>(
+        &self,
+        table: TableDefinition<&'static str, &'static [u8]>,
+        key: &str,
+        decode: impl FnOnce(&[u8]) -> Result<T, E>,
+    ) -> Result<Option<Result<T, E>>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(table).map_err(dberr)?;
+        let guard = table.get(key).map_err(dberr)?;
+        Ok(guard.map(|guard| decode(guard.value())))
     }
 
     /// Entries of one origin's change log after `after_time`, at most `limit`.
@@ -689,14 +707,21 @@ fn last_own_hlc(db: &Database, node_id: &str) -> Result<u64, StoreError> {
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
         Err(e) => return Err(dberr(e)),
     };
-    let last = changes
-        .range((node_id, 0)..=(node_id, u64::MAX))
+    newest_stamp_of(&changes, node_id)
+}
+
+/// The newest HLC in `origin`'s part of a change log; 0 when it has none.
+fn newest_stamp_of(
+    changes: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    origin: &str,
+) -> Result<u64, StoreError> {
+    let newest = changes
+        .range((origin, 0)..=(origin, u64::MAX))
         .map_err(dberr)?
         .next_back()
         .transpose()
-        .map_err(dberr)?
-        .map_or(0, |(k, _)| k.value().1);
-    Ok(last)
+        .map_err(dberr)?;
+    Ok(newest.map_or(0, |(k, _)| k.value().1))
 }
 
 fn own_recovery(

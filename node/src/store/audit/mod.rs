@@ -396,7 +396,7 @@ impl<'p> Tally<'p> {
 
 /// The key of an encoded change-log entry, without copying the change.
 fn log_entry_key(bytes: &[u8]) -> Result<&str, String> {
-    let mut r = Reader::new(bytes);
+    let mut r = Reader::new(crate::store::codec::log_entry_body(bytes)?);
     let len = usize::from(
         r.u16_be()
             .map_err(|_| "truncated: no key length".to_owned())?,
