@@ -118,6 +118,7 @@ impl From<WriteError> for ApiError {
                 ApiError::new(422, "idempotency_key_reused", message)
             }
             WriteError::Storage(_) => ApiError::new(503, "storage_failed", message),
+            WriteError::StorageFull(_) => ApiError::new(503, "storage_full", message),
             WriteError::CorruptRecord { .. } => ApiError::new(500, "corrupt_record", message),
             WriteError::ShuttingDown => ApiError::new(503, "shutting_down", message),
         }

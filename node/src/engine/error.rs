@@ -32,6 +32,8 @@ pub enum WriteError {
     IdempotencyKeyReused(String),
     #[error("storage failed: {0}")]
     Storage(String),
+    #[error("{0}; nothing was stored, retry once the disk has room")]
+    StorageFull(String),
     #[error("stored record {key:?} is corrupt ({why}); it is being rebuilt from the change log")]
     CorruptRecord { key: String, why: String },
     #[error("the node is shutting down")]

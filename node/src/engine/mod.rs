@@ -13,7 +13,6 @@
 //! * The queue to the writer is bounded; a full queue makes writers wait (backpressure), it
 //!   never grows.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use automerge::ActorId;
@@ -194,7 +193,6 @@ pub struct Engine {
     cache: Mutex<LruCache<String, SlotHandle>>,
     cache_capacity: usize,
     writer: mpsc::Sender<Job>,
-    healthy: AtomicBool,
     stamps: Mutex<StampBook>,
     /// Bumped after every commit, so that senders wake up for new log entries.
     committed: tokio::sync::watch::Sender<u64>,
@@ -267,12 +265,12 @@ impl Engine {
             cache: Mutex::new(LruCache::unbounded()),
             cache_capacity: config.cache_capacity.max(1),
             writer: tx,
-            healthy: AtomicBool::new(true),
             stamps: Mutex::new(StampBook::new(last_own_hlc)),
             committed,
             self_ref: self_ref.clone(),
             repairs: Mutex::new(std::collections::HashSet::new()),
         });
+        watch_storage(Arc::downgrade(&engine.store))?;
         Ok((engine, WriterHandle(handle)))
     }
 
@@ -282,7 +280,7 @@ impl Engine {
 
     /// Ready while the writer accepts work and storage has not failed.
     pub fn ready(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.writer.is_closed()
+        self.store.accepts_writes() && !self.writer.is_closed()
     }
 
     fn home_region(&self, key: &str) -> Option<String> {
@@ -349,10 +347,8 @@ impl Engine {
         sent.map_err(|_| WriteError::ShuttingDown)?;
         match answer.await {
             Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(e)) => {
-                self.healthy.store(false, Ordering::Relaxed);
-                Err(WriteError::Storage(e))
-            }
+            Ok(Err(failed)) if failed.storage_full => Err(WriteError::StorageFull(failed.message)),
+            Ok(Err(failed)) => Err(WriteError::Storage(failed.message)),
             Err(_) => Err(WriteError::ShuttingDown),
         }
     }
@@ -452,6 +448,35 @@ impl Engine {
         }
         Ok(entries)
     }
+}
+
+/// Brings the store back after a full disk without a restart: about every second, while the
+/// store does not take writes, asks it to recover (see `store::space`). Ends with the store.
+fn watch_storage(store: std::sync::Weak<Store>) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("meridian-storage-watch".into())
+        .spawn(move || {
+            let mut failures_logged = 0u32;
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                if store.accepts_writes() {
+                    failures_logged = 0;
+                    continue;
+                }
+                if let Err(e) = store.try_recover() {
+                    // Once a minute at most: the disk stays full for a while.
+                    if failures_logged.is_multiple_of(60) {
+                        tracing::error!(error = %e, "storage has not recovered yet; retrying every second");
+                    }
+                    failures_logged = failures_logged.wrapping_add(1);
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the storage watcher thread: {e}"))
 }
 
 fn to_read_record(key: &str, rec: StoredRecord) -> Result<ReadRecord, ReadError> {

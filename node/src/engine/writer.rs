@@ -12,13 +12,24 @@ use meridian_replication::wire::FrontierEntry;
 
 use super::MAX_BATCH_WRITES;
 use crate::clock::unix_ms;
-use crate::store::{ItemOutcome, Store, WriteItem};
+use crate::store::{ItemOutcome, Store, StoreError, WriteItem};
+
+/// How often a full disk is logged while it stays full.
+const FULL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Items committed together, atomically, with the frontier raises that come with them.
 pub(super) struct Job {
     pub(super) items: Vec<WriteItem>,
     pub(super) frontier: Vec<FrontierEntry>,
-    pub(super) reply: oneshot::Sender<Result<Vec<ItemOutcome>, String>>,
+    pub(super) reply: oneshot::Sender<Result<Vec<ItemOutcome>, CommitFailed>>,
+}
+
+/// Why a job's commit failed, as each of its senders learns it.
+#[derive(Clone, Debug)]
+pub(super) struct CommitFailed {
+    pub(super) message: String,
+    /// The disk is full: 503 `storage_full` rather than `storage_failed`.
+    pub(super) storage_full: bool,
 }
 
 /// The writer thread's handle; join it after the engine is dropped.
@@ -44,6 +55,8 @@ pub(super) fn run_writer(
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH_WRITES);
     let mut last_prune = Instant::now();
     let mut commits = 0u64;
+    let mut last_full_logged: Option<Instant> = None;
+    let mut refused_quietly = 0usize;
     while let Some(first) = rx.blocking_recv() {
         let mut writes = first.items.len();
         jobs.push(first);
@@ -81,10 +94,27 @@ pub(super) fn run_writer(
                 committed.send_replace(commits);
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = items.len(), "durable commit failed; the writes are not acknowledged");
-                let message = e.to_string();
+                let storage_full = matches!(e, StoreError::StorageFull { .. });
+                // A full disk refuses every write until it has room: one line per 10 s, with
+                // how many were refused meanwhile, instead of one per write.
+                let now = Instant::now();
+                if !storage_full
+                    || last_full_logged.is_none_or(|at| now.duration_since(at) >= FULL_LOG_EVERY)
+                {
+                    tracing::error!(error = %e, writes = items.len(), refused_since_last_line = refused_quietly, "durable commit failed; the writes are not acknowledged");
+                    refused_quietly = 0;
+                    if storage_full {
+                        last_full_logged = Some(now);
+                    }
+                } else {
+                    refused_quietly += items.len();
+                }
+                let failed = CommitFailed {
+                    message: e.to_string(),
+                    storage_full,
+                };
                 for (_, reply) in shapes {
-                    let _ = reply.send(Err(message.clone()));
+                    let _ = reply.send(Err(failed.clone()));
                 }
             }
         }

@@ -18,9 +18,13 @@ pub const DEFAULT_FILTER: &str = "info,automerge=warn";
 pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+    // A log line that cannot be written (stderr on a full disk) is dropped. By default the
+    // subscriber reports that with `eprintln!`, which panics when stderr fails, and so took
+    // the writer thread down with it on a full disk.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     // A second init (tests) keeps the first subscriber: ignoring the error is correct.
     let _ = match format {
         LogFormat::Json => builder

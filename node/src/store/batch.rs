@@ -442,14 +442,20 @@ pub(super) fn replay_log(
             "committing the commit log's batches that the database does not hold yet"
         );
     }
-    for entry in newer {
-        let (items, frontier) = decode_batch(&entry.payload)
-            .map_err(|why| corrupt(format!("commit log batch {}", entry.seq), why))?;
+    // One transaction for them all: redb frees the pages a commit replaces only at a durable
+    // commit, so one non-durable transaction per batch would need room for every version of
+    // every page they touch, and a restart on a nearly full disk failed that way. One
+    // transaction needs room for the final pages only.
+    if !newer.is_empty() {
         let mut txn = db.begin_write().map_err(dberr)?;
         txn.set_durability(Durability::None).map_err(dberr)?;
-        apply_batch(&txn, &items, &frontier, entry.seq)?;
+        for entry in newer {
+            let (items, frontier) = decode_batch(&entry.payload)
+                .map_err(|why| corrupt(format!("commit log batch {}", entry.seq), why))?;
+            apply_batch(&txn, &items, &frontier, entry.seq)?;
+            held = entry.seq;
+        }
         txn.commit().map_err(dberr)?;
-        held = entry.seq;
     }
     Ok(Replayed { log, held, lost })
 }

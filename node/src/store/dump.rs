@@ -25,14 +25,20 @@ pub fn dump(dir: &Path) -> Result<(String, Vec<DumpRow>), StoreError> {
     if !path.is_file() {
         return Err(StoreError::Missing(path));
     }
-    let db = ReadOnlyDatabase::open(&path).map_err(|source| match source {
-        redb::DatabaseError::RepairAborted => StoreError::NotClean { path: path.clone() },
-        source => StoreError::Open {
-            path: path.clone(),
-            source,
-        },
-    })?;
-    let txn = db.begin_read().map_err(db_err_ro)?;
+    // A database that was not shut down cleanly needs redb's repair, which writes: it is
+    // repaired in a copy, so that the dump never writes to the data directory (a node may be
+    // running on it, or it may be evidence).
+    let opened: Box<dyn ReadableDatabase> = match ReadOnlyDatabase::open(&path) {
+        Ok(db) => Box::new(db),
+        Err(redb::DatabaseError::RepairAborted) => Box::new(repaired_copy(&path)?),
+        Err(source) => {
+            return Err(StoreError::Open {
+                path: path.clone(),
+                source,
+            });
+        }
+    };
+    let txn = opened.begin_read().map_err(db_err_ro)?;
     let meta = txn.open_table(META).map_err(dberr)?;
     let node_id = meta
         .get(META_NODE_ID)
@@ -71,6 +77,40 @@ pub fn dump(dir: &Path) -> Result<(String, Vec<DumpRow>), StoreError> {
         })
         .collect();
     Ok((node_id, rows))
+}
+
+/// A database repaired in a copy: the copy's directory goes when it is dropped.
+struct RepairedCopy {
+    db: redb::Database,
+    _dir: tempfile::TempDir,
+}
+
+impl ReadableDatabase for RepairedCopy {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        self.db.begin_read()
+    }
+
+    fn cache_stats(&self) -> redb::CacheStats {
+        self.db.cache_stats()
+    }
+}
+
+/// A copy of the database at `path` in a temporary directory, opened (so repaired) there.
+fn repaired_copy(path: &Path) -> Result<RepairedCopy, StoreError> {
+    let scratch = std::env::temp_dir();
+    let not_clean = |source| StoreError::NotClean {
+        path: path.to_path_buf(),
+        scratch: scratch.clone(),
+        source,
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("meridian-dump-")
+        .tempdir_in(&scratch)
+        .map_err(not_clean)?;
+    let copied = dir.path().join(DB_FILE);
+    std::fs::copy(path, &copied).map_err(not_clean)?;
+    let db = super::space::open_database(&copied)?;
+    Ok(RepairedCopy { db, _dir: dir })
 }
 
 fn db_err_ro(e: redb::TransactionError) -> StoreError {

@@ -32,12 +32,15 @@ use meridian_replication::protocol::Frontier;
 use meridian_replication::wire::FrontierEntry;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+pub use space::{REOPEN_HEADROOM_BYTES, free_bytes};
+
 pub mod audit;
 mod batch;
 mod codec;
 pub mod commit_log;
 mod dump;
 mod repair;
+mod space;
 
 pub use batch::{ItemOutcome, PendingChange, PendingReason, WriteItem};
 pub use codec::{IdempotentAnswer, StoredChange, StoredRecord};
@@ -92,15 +95,19 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot open database {path}: {source} (is another meridian process using it?)")]
+    #[error("cannot open database {path}: {source}{}", open_hint(source))]
     Open {
         path: PathBuf,
         source: redb::DatabaseError,
     },
     #[error(
-        "database {path} was not shut down cleanly (the node is running or was killed); an offline read needs a clean one: start the node once and stop it with SIGTERM, then read again"
+        "database {path} was not shut down cleanly (the node is running or was killed), and a copy to read it from could not be made in {scratch}: {source}"
     )]
-    NotClean { path: PathBuf },
+    NotClean {
+        path: PathBuf,
+        scratch: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no database at {0}: not a Meridian data directory")]
     Missing(PathBuf),
     #[error(
@@ -119,6 +126,12 @@ pub enum StoreError {
     Corrupt { what: String, why: String },
     #[error("stored record {key:?} is corrupt: {why}")]
     CorruptRecord { key: String, why: String },
+    #[error("the disk is full: {why}")]
+    StorageFull { why: String },
+    #[error(
+        "the database is closed after a storage failure and is being opened again; retry shortly"
+    )]
+    Reopening,
     #[error(transparent)]
     Log(#[from] CommitLogError),
     #[error(
@@ -153,6 +166,14 @@ pub struct StoreOptions {
 pub struct OwnRecovery {
     pub complete_to: u64,
     pub lost_before: u64,
+}
+
+/// Only a database another process holds is worth the guess.
+fn open_hint(source: &redb::DatabaseError) -> &'static str {
+    match source {
+        redb::DatabaseError::DatabaseAlreadyOpen => " (is another meridian process using it?)",
+        _ => "",
+    }
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -202,7 +223,8 @@ pub struct Identity {
 }
 
 pub struct Store {
-    db: Database,
+    db: space::DbHandle,
+    health: space::StorageHealth,
     node_id: String,
     path: PathBuf,
     log: Mutex<LogState>,
@@ -240,13 +262,7 @@ impl Store {
             source,
         })?;
         let path = dir.join(DB_FILE);
-        let db = redb::Builder::new()
-            .set_cache_size(REDB_CACHE_BYTES)
-            .create(&path)
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let db = space::open_database(&path)?;
         let mode = if options.recover_log {
             OpenMode::Recover
         } else {
@@ -352,7 +368,8 @@ impl Store {
         log.clear(replayed_to)?;
         Ok((
             Store {
-                db,
+                db: space::DbHandle::new(db),
+                health: space::StorageHealth::default(),
                 node_id: node_id.to_string(),
                 path,
                 log: Mutex::new(LogState {
@@ -373,14 +390,16 @@ impl Store {
     /// After a recovery that may have lost acknowledged batches of this node's own origin:
     /// what the own log is known to hold. `None` when nothing is missing.
     pub fn own_recovery(&self) -> Result<Option<OwnRecovery>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let meta = txn.open_table(META).map_err(dberr)?;
         own_recovery(&meta)
     }
 
     /// The recovery is done: peers vouched for this node's own changes up to its end.
     pub fn finish_own_recovery(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(dberr)?;
         txn.open_table(META)
             .map_err(dberr)?
             .remove(META_OWN_RECOVERY)
@@ -413,7 +432,8 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Listed)>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = txn.open_table(RECORDS).map_err(dberr)?;
         let start = match after {
             Some(a) if a >= prefix => a,
@@ -455,7 +475,8 @@ impl Store {
         key: &str,
         decode: impl FnOnce(&[u8]) -> Result<T, E>,
     ) -> Result<Option<Result<T, E>>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = txn.open_table(table).map_err(dberr)?;
         let guard = table.get(key).map_err(dberr)?;
         Ok(guard.map(|guard| decode(guard.value())))
@@ -468,7 +489,8 @@ impl Store {
         after_time: u64,
         limit: usize,
     ) -> Result<Vec<(u64, StoredChange)>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = txn.open_table(CHANGES).map_err(dberr)?;
         let mut out = Vec::new();
         let Some(start) = after_time.checked_add(1) else {
@@ -498,8 +520,17 @@ impl Store {
         frontier: &[FrontierEntry],
     ) -> Result<Vec<ItemOutcome>, StoreError> {
         let mut state = lock(&self.log);
+        if !self.reopen_locked(&mut state)? {
+            return Err(StoreError::StorageFull {
+                why: "the database failed a commit and is reopened once the disk has room again"
+                    .into(),
+            });
+        }
         let seq = state.next_seq;
-        let mut txn = self.db.begin_write().map_err(dberr)?;
+        let db = self.db()?;
+        let mut txn = db
+            .begin_write()
+            .map_err(|e| self.health.observe(dberr(e)))?;
         txn.set_durability(Durability::None).map_err(dberr)?;
         let outcomes = apply_batch(&txn, items, frontier, seq)?;
         let applied = items
@@ -509,21 +540,29 @@ impl Store {
             .map(|(i, _)| i);
         let payload = encode_batch(applied, frontier)?;
         // Not durable, not visible: a failed append drops the transaction.
-        state.log.append(seq, &payload)?;
+        state
+            .log
+            .append(seq, &payload)
+            .map_err(|e| self.health.observe(e.into()))?;
         state.next_seq += 1;
         if let Err(e) = txn.commit() {
             // The batch is durable in the log but not in redb: later batches must not commit on
-            // top of a state that lacks it. A restart replays it.
+            // top of a state that lacks it. The reopen (or a restart) replays it.
             state.log.refuse_appends();
-            return Err(dberr(e));
+            self.health.database_failed();
+            return Err(self.health.observe(dberr(e)));
         }
+        self.health.write_succeeded();
         if state.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
             || state.log.len_bytes() >= CHECKPOINT_LOG_BYTES
         {
             // The batch is durable (log) and visible (redb) already: a failed checkpoint must not
             // turn it into a failed write. The log keeps everything until one succeeds.
             if let Err(e) = self.checkpoint_locked(&mut state) {
-                tracing::error!(error = %e, log_bytes = state.log.len_bytes(), "checkpoint failed; the commit log keeps the batches and it is retried");
+                // redb takes nothing more after a failed commit: reopened once there is room.
+                self.health.database_failed();
+                let e = self.health.observe(e);
+                tracing::error!(error = %e, log_bytes = state.log.len_bytes(), "checkpoint failed; the commit log keeps the batches, and the database is reopened once the disk has room");
             }
         }
         Ok(outcomes)
@@ -541,7 +580,8 @@ impl Store {
             return Ok(());
         }
         let held = state.next_seq.saturating_sub(1);
-        let mut txn = self.db.begin_write().map_err(dberr)?;
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(dberr)?;
         txn.set_durability(Durability::Immediate).map_err(dberr)?;
         {
             let mut meta = txn.open_table(META).map_err(dberr)?;
@@ -564,7 +604,8 @@ impl Store {
 
     /// The stored frontier: per (origin, class) the newest change held, for remote origins.
     pub fn frontier(&self) -> Result<Frontier, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = txn.open_table(FRONTIER).map_err(dberr)?;
         let mut f = Frontier::default();
         for item in table.iter().map_err(dberr)? {
@@ -577,7 +618,8 @@ impl Store {
 
     /// Changes kept aside for `key`.
     pub fn pending_for(&self, key: &str) -> Result<Vec<PendingChange>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = txn.open_table(PENDING).map_err(dberr)?;
         let mut out = Vec::new();
         for item in table
@@ -609,7 +651,8 @@ impl Store {
         horizon_ntp64: u64,
         limit: usize,
     ) -> Result<PendingSummary, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = txn.open_table(PENDING).map_err(dberr)?;
         let mut due = Vec::new();
         let mut counts = PendingCounts::default();
@@ -640,7 +683,8 @@ impl Store {
 
     /// How many entries of `origin`'s log lie after `after`, counting at most `cap`.
     pub fn count_after(&self, origin: &str, after: u64, cap: usize) -> Result<usize, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = txn.open_table(CHANGES).map_err(dberr)?;
         let Some(start) = after.checked_add(1) else {
             return Ok(0);
@@ -661,7 +705,8 @@ impl Store {
 
     /// Drop idempotency entries created before `cutoff_unix_ms`; returns how many.
     pub fn prune_idempotency(&self, cutoff_unix_ms: u64, max: usize) -> Result<usize, StoreError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(dberr)?;
         let mut removed = 0;
         {
             let mut table = txn.open_table(IDEMPOTENCY).map_err(dberr)?;
@@ -689,7 +734,8 @@ impl Store {
 
     pub fn record_count(&self) -> Result<u64, StoreError> {
         use redb::ReadableTableMetadata;
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = txn.open_table(RECORDS).map_err(dberr)?;
         table.len().map_err(dberr)
     }

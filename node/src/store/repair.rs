@@ -27,7 +27,8 @@ impl Store {
     /// record, so this reads all of them: it is for repairs, which are rare, never for the
     /// write or read path.
     pub fn changes_of_key(&self, key: &str) -> Result<KeyChanges, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(dberr)?;
         let table = match txn.open_table(CHANGES) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(KeyChanges::default()),

@@ -435,7 +435,7 @@ pub fn check_at_start(
         return Ok(None);
     }
     // Only counts matter here: no examples are kept.
-    let report = scan_db(&store.db, store.node_id(), policy, region, 0)?;
+    let report = scan_db(&*store.db()?, store.node_id(), policy, region, 0)?;
     if report.is_clean() {
         return Ok(None);
     }

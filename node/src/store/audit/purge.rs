@@ -13,7 +13,8 @@ use crate::store::{CHANGES, FRONTIER, PENDING, RECORDS, Store, StoreError, corru
 ///
 /// Run it while nothing else writes to the store (at start, before the engine runs).
 pub fn purge(store: &Store, policy: &Policy, region: &str) -> Result<PurgeReport, StoreError> {
-    purge_db(&store.db, store.node_id(), policy, region, PURGE_BATCH)
+    let db = store.db()?;
+    purge_db(&db, store.node_id(), policy, region, PURGE_BATCH)
 }
 
 pub(super) fn purge_db(

@@ -11,7 +11,7 @@ use crate::store::{CHANGES, PENDING, RECORDS, Store, StoreError, StoredRecord, c
 
 /// Every violation in a data directory: see [`scan`].
 pub fn scan(store: &Store, policy: &Policy, region: &str) -> Result<AuditReport, StoreError> {
-    scan_db(&store.db, store.node_id(), policy, region, MAX_LISTED)
+    scan_db(&*store.db()?, store.node_id(), policy, region, MAX_LISTED)
 }
 
 pub(super) fn scan_db(

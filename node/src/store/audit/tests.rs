@@ -153,7 +153,7 @@ fn listing_is_bounded_but_everything_is_counted() {
     let keys: Vec<String> = (0..30).map(|i| format!("users/us/{i:02}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let (_dir, store) = store_with(&refs);
-    let report = scan_db(&store.db, "n1", &pinned(), "eu-west", 10).expect("scan");
+    let report = scan_db(&*store.db().unwrap(), "n1", &pinned(), "eu-west", 10).expect("scan");
     assert_eq!(report.violations.len(), 10);
     assert_eq!(report.total.total(), 90);
     assert!(report.truncated);
@@ -175,7 +175,7 @@ fn purge_removes_exactly_the_violations_in_bounded_transactions() {
         .commit_batch(&[], &[fe("us-users"), fe(""), fe("eu-users")])
         .expect("frontier");
 
-    let report = purge_db(&store.db, "n1", &pinned(), "eu-west", 7).expect("purge");
+    let report = purge_db(&store.db().unwrap(), "n1", &pinned(), "eu-west", 7).expect("purge");
     assert_eq!(
         report.total,
         KindCounts {

@@ -26,7 +26,7 @@ fn flipped(bytes: &[u8]) -> Vec<u8> {
 }
 
 fn damage_record(store: &Store, key: &str) {
-    let txn = store.db.begin_write().expect("write");
+    let txn = store.db().unwrap().begin_write().expect("write");
     {
         let mut t = txn.open_table(RECORDS).expect("table");
         let bytes = flipped(t.get(key).expect("get").expect("present").value());
@@ -36,7 +36,7 @@ fn damage_record(store: &Store, key: &str) {
 }
 
 fn damage_log_entry(store: &Store, origin: &str, hlc: u64) {
-    let txn = store.db.begin_write().expect("write");
+    let txn = store.db().unwrap().begin_write().expect("write");
     {
         let mut t = txn.open_table(CHANGES).expect("table");
         let bytes = flipped(t.get((origin, hlc)).expect("get").expect("present").value());
