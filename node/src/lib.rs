@@ -24,6 +24,8 @@
 pub mod clock;
 pub mod config;
 pub mod engine;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod observe;
 pub mod ops;

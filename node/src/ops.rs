@@ -214,6 +214,37 @@ fn one() -> i64 {
     1
 }
 
+/// The write a request's body asks for: a JSON object for put and patch (at most
+/// [`MAX_DEPTH`] deep), `{"field", "by"}` for incr, nothing for delete. Pure, so that it can be
+/// fuzzed; `Op::Get` is no write and is refused.
+pub fn parse_write(op: Op, body: &[u8]) -> Result<WriteOp, ApiError> {
+    Ok(match op {
+        Op::Put => WriteOp::Put(parse_object(body)?),
+        Op::Patch => WriteOp::Patch(parse_object(body)?),
+        Op::Incr => {
+            let incr: IncrBody = serde_json::from_slice(body).map_err(|e| {
+                ApiError::new(
+                    400,
+                    "invalid_request",
+                    format!("incr expects {{\"field\": \"name\", \"by\": 1}}: {e}"),
+                )
+            })?;
+            WriteOp::Incr {
+                field: incr.field,
+                by: incr.by,
+            }
+        }
+        Op::Delete => WriteOp::Delete,
+        Op::Get => {
+            return Err(ApiError::new(
+                400,
+                "invalid_request",
+                "a GET carries no write",
+            ));
+        }
+    })
+}
+
 /// Execute a record operation on this node: the HTTP API's path, and the path of requests
 /// forwarded here by peers.
 pub async fn execute(
@@ -256,22 +287,7 @@ async fn execute_inner(
                 )),
             };
         }
-        Op::Put => WriteOp::Put(parse_object(body)?),
-        Op::Patch => WriteOp::Patch(parse_object(body)?),
-        Op::Incr => {
-            let incr: IncrBody = serde_json::from_slice(body).map_err(|e| {
-                ApiError::new(
-                    400,
-                    "invalid_request",
-                    format!("incr expects {{\"field\": \"name\", \"by\": 1}}: {e}"),
-                )
-            })?;
-            WriteOp::Incr {
-                field: incr.field,
-                by: incr.by,
-            }
-        }
-        Op::Delete => WriteOp::Delete,
+        Op::Put | Op::Patch | Op::Incr | Op::Delete => parse_write(op, body)?,
     };
     let idempotency =
         idempotency_key.map(|k| Idempotency::new(&k, op.fingerprint_method(), key, body));

@@ -22,5 +22,8 @@ pub mod record;
 pub mod version;
 pub mod wire;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use record::{LocalChange, RecordDoc, RecordError, RecordView, RemoteApply};
 pub use version::Version;

@@ -802,4 +802,6 @@ fn read_u32(
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
