@@ -3,7 +3,8 @@ use super::commit_log::{CommitLogError, LOG_FILE, OpenMode};
 use super::*;
 use std::path::Path;
 
-fn record(n: u64) -> StoredRecord {
+/// A record whose version and contents follow from `n` (shared by the store's test modules).
+pub(super) fn record(n: u64) -> StoredRecord {
     StoredRecord {
         live: true,
         version: Version {

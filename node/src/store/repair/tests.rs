@@ -1,21 +1,7 @@
 use redb::ReadableTable;
 
-use crate::store::{CHANGES, Listed, RECORDS, Store, StoreError, StoredRecord, WriteItem};
-use meridian_replication::Version;
-
-fn record(n: u64) -> StoredRecord {
-    StoredRecord {
-        live: true,
-        version: Version {
-            time_ntp64: n,
-            node_hlc_id: 9,
-        },
-        home_region: None,
-        view_json: br#"{"value":{}}"#.to_vec(),
-        doc: vec![1, 2, 3],
-        appended_changes: 1,
-    }
-}
+use crate::store::tests::record;
+use crate::store::{CHANGES, Listed, RECORDS, Store, StoreError, WriteItem};
 
 /// XORs one byte in the middle of `bytes`, as a flipped bit on disk would.
 fn flipped(bytes: &[u8]) -> Vec<u8> {
