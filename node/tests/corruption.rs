@@ -3,30 +3,14 @@
 //! record answers 500 `corrupt_record` (never a wrong value), a list page holding it still
 //! answers with the others, and the record is rebuilt from the change log.
 
-use std::path::Path;
 use std::time::Duration;
 
 use meridian_harness::{
-    ApiClient, DEADLINE, NodeProcess, fixture, free_tcp_port, loopback, metric, poll_until,
+    ApiClient, DEADLINE, NodeProcess, fixture, flip_every, free_tcp_port, loopback, metric,
+    poll_until,
 };
 use reqwest::Client;
 use serde_json::{Value, json};
-
-/// XORs the first byte of `needle` wherever it stands in `file`; how many places it changed.
-fn flip_every(file: &Path, needle: &[u8]) -> usize {
-    let mut bytes = std::fs::read(file).expect("read the database file");
-    let places: Vec<usize> = bytes
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle)
-        .map(|(i, _)| i)
-        .collect();
-    for &at in &places {
-        bytes[at] ^= 0x01;
-    }
-    std::fs::write(file, bytes).expect("write the database file");
-    places.len()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_record_answers_corrupt_record_alone_and_is_rebuilt_from_the_change_log() {
@@ -64,8 +48,14 @@ async fn a_corrupt_record_answers_corrupt_record_alone_and_is_rebuilt_from_the_c
     // The stored view of c/2 and c/4 is JSON; the change-log entries hold the strings in
     // automerge's encoding, never in this form, so only the records are damaged.
     let db = data.join("meridian.redb");
-    assert!(flip_every(&db, br#""m":"MARK-2""#) >= 1, "c/2's view found");
-    assert!(flip_every(&db, br#""m":"MARK-4""#) >= 1, "c/4's view found");
+    assert!(
+        flip_every(&db, br#""m":"MARK-2""#).expect("flip") >= 1,
+        "c/2's view found"
+    );
+    assert!(
+        flip_every(&db, br#""m":"MARK-4""#).expect("flip") >= 1,
+        "c/4's view found"
+    );
 
     let node = start();
     node.assert_ready(&client, DEADLINE).await;

@@ -4,91 +4,33 @@
 //! space is freed the node serves writes again by itself; after a SIGKILL `meridian dump`
 //! reads the directory without writing to it; and a restart with little free space succeeds.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use meridian_harness::{
-    ApiClient, DEADLINE, Serve, dumped_keys, fixture, free_tcp_port, loopback, poll_until,
+    ApiClient, DEADLINE, Serve, SmallDisk, dumped_keys, fixture, free_tcp_port, loopback,
+    poll_until,
 };
 use reqwest::Client;
 use serde_json::json;
 
-/// A tmpfs of `size_mib` mounted at a fresh directory, unmounted when dropped.
-struct SmallDisk {
-    mount_point: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(under: &Path, size_mib: u32) -> Result<SmallDisk, String> {
-        let mount_point = under.join("small");
-        std::fs::create_dir(&mount_point).map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
-            .arg(&mount_point)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-        }
-        Ok(SmallDisk { mount_point })
-    }
-
-    fn free_bytes(&self) -> u64 {
-        let out = Command::new("df")
-            .args(["--output=avail", "-B1"])
-            .arg(&self.mount_point)
-            .output()
-            .expect("df");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse().ok())
-            .expect("df prints the free bytes")
-    }
-
-    /// A file of `bytes` zeros (as much as fits), to take space away.
-    fn fill(&self, name: &str, bytes: u64) {
-        let chunk = vec![0u8; 1 << 20];
-        let mut file = std::fs::File::create(self.mount_point.join(name)).expect("filler");
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            if std::io::Write::write_all(&mut file, &chunk[..n]).is_err() {
-                break;
-            }
-            left -= n as u64;
-        }
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.mount_point)
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_storage_full_and_the_node_recovers_without_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = match SmallDisk::mount(dir.path(), 32) {
+    let disk = match SmallDisk::mount(&dir.path().join("small"), 32) {
         Ok(disk) => disk,
         Err(why) => {
             eprintln!("SKIPPED: mounting a small tmpfs needs root here: {why}");
             return;
         }
     };
-    disk.fill("filler", 8 << 20);
+    disk.fill(8 << 20);
     let port = free_tcp_port();
     let topology = fixture::write_topology(dir.path(), port);
-    let data = disk.mount_point.join("data");
+    let data = disk.path().join("data");
     let client = Client::new();
     // The log is on the small disk too, as an operator's often is: a line that cannot be written
     // must not take the node down.
-    let log = disk.mount_point.join("eu-1.log");
+    let log = disk.path().join("eu-1.log");
     let start = || {
         Serve::new(&topology, "eu-1", &data, loopback(port))
             .log(&log)
@@ -132,7 +74,7 @@ async fn a_full_disk_answers_storage_full_and_the_node_recovers_without_a_restar
     assert!(not_ready, "a node that cannot write stays ready");
 
     // Space comes back: the node serves writes again, without a restart.
-    std::fs::remove_file(disk.mount_point.join("filler")).expect("remove the filler");
+    disk.unfill();
     let writes_again = poll_until(DEADLINE, || async {
         api.put("after/space", json!({"ok": true})).await.0 == 200
     })
@@ -167,7 +109,7 @@ async fn a_full_disk_answers_storage_full_and_the_node_recovers_without_a_restar
         .map(|m| m.len())
         .unwrap_or(0);
     let leave = 2 * log_bytes + (3 << 20);
-    disk.fill("filler", disk.free_bytes().saturating_sub(leave));
+    disk.fill(disk.free_bytes().saturating_sub(leave));
     let node = start();
     node.assert_ready(&client, DEADLINE).await;
     let api = ApiClient::new(node.url(""));

@@ -1,7 +1,8 @@
 //! The CI-sized partition run (issue 5): the real `partition-suite` binary against three real
 //! nodes, every link through the emulator, one full cycle of every fault (five kinds of
 //! partition, latency and loss, SIGKILL and restart, SIGSTOP, clock skew within and beyond the
-//! max drift). It must pass its own checkers, and the run must have been what it claims.
+//! max drift, a full disk, a damaged record). It must pass its own checkers, and the run must
+//! have been what it claims.
 //!
 //! `PARTITION_SEED` picks another schedule (the default is fixed so that CI is reproducible);
 //! `PARTITION_DURATION_SECS` lengthens the faulty phase.
@@ -52,6 +53,13 @@ fn ci_sized_partition_run_loses_nothing_and_converges() {
     at_least("pause", 1);
     at_least("skew", 2);
     at_least("skew-beyond-drift", 1);
+    at_least("damage-record", 1);
+    // A full disk needs a tmpfs, so root; the run says when it had to skip it.
+    if stdout.contains("nemesis disk-full skipped") {
+        eprintln!("SKIPPED the disk-full nemesis (see the run's output)");
+    } else {
+        at_least("disk-full", 1);
+    }
     assert!(
         summary["operations"].as_u64().unwrap_or(0) >= 2000,
         "a few thousand operations expected:\n{stdout}"

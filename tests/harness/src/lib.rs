@@ -17,9 +17,11 @@
 //! - http: [`ApiClient`], the node's HTTP API answered as `(status, JSON)`;
 //! - metrics: [`metric`], one value out of Prometheus text;
 //! - [`frame`] and peer: replication frames and the Hello a fake peer sends;
+//! - disk: [`SmallDisk`] (a tmpfs that really fills up) and [`flip_every`] (a damaged file);
 //! - text: [`assert_contains`].
 
 mod binary;
+mod disk;
 pub mod fixture;
 pub mod frame;
 mod http;
@@ -35,6 +37,7 @@ pub use binary::{
     BuildError, CliRun, assert_valid_topology, dumped_keys, meridian_bin, meridian_bin_in,
     residency_audit, run_meridian, write_certs,
 };
+pub use disk::{SmallDisk, flip_every};
 pub use http::ApiClient;
 pub use metrics::metric;
 pub use peer::hello;

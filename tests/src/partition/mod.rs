@@ -1,14 +1,16 @@
 //! `partition-suite`: a Jepsen-style run against real `meridian serve` processes. Every
 //! inter-node link goes through the in-process link emulator; workloads record a history, a
-//! seeded nemesis injects partitions, latency/loss, SIGKILL (with clock skew on restart) and
-//! SIGSTOP pauses; after the final heal the checkers run and a summary is printed. Exit status
-//! 1 on any violation, with the seed that reproduces the schedule.
+//! seeded nemesis injects partitions, latency/loss, SIGKILL (with clock skew on restart),
+//! SIGSTOP pauses, a full disk and a damaged record; after the final heal the checkers run
+//! and a summary is printed. Exit status 1 on any violation, with the seed that reproduces
+//! the schedule.
 //!
 //! A run: [`workload`]s write while the [`nemesis`] faults, both recording into the
 //! [`history`]; then every fault is healed, the [`checkers`] judge the history against what
 //! the nodes finally hold, and the [`summary`] is written.
 
 mod checkers;
+mod disk;
 mod history;
 mod nemesis;
 mod rng;
@@ -194,6 +196,10 @@ async fn start_cluster(n: usize, seed: u64) -> Option<(Runner, Emulator)> {
             .foreign("forward"),
     );
     let mut cluster = Cluster::with_extra(n, &rule);
+    let disks = disk::mount_data_disks(&cluster);
+    if let Err(why) = &disks {
+        println!("the disk-full nemesis will be skipped: {why}");
+    }
     let links_topology = write_links_topology(&cluster);
     let topo = Topology::load(&links_topology).expect("valid links topology");
     let emulator = meridian_node::tools::proxy_cmd::start(
@@ -212,7 +218,7 @@ async fn start_cluster(n: usize, seed: u64) -> Option<(Runner, Emulator)> {
         .timeout(REQUEST_TIMEOUT)
         .build()
         .expect("http client");
-    let runner = Runner::new(cluster, links_topology, client);
+    let runner = Runner::new(cluster, disks, links_topology, client);
     for i in 0..n {
         runner.cluster.wait_ready(i, &runner.client).await;
     }

@@ -1,6 +1,7 @@
 //! The nemesis: a seeded shuffle of every kind of fault, each held for a few seconds and then
 //! healed, with quiet periods in between. Faults on links go through the link emulator;
-//! faults on nodes are signals (SIGKILL, SIGSTOP/SIGCONT) and the test-only clock control.
+//! faults on nodes are signals (SIGKILL, SIGSTOP/SIGCONT), the test-only clock control and
+//! the [disk nemeses](super::disk) (a full disk, a damaged record).
 //!
 //! Invariant: the random draws happen in a fixed order per fault (hold time first, then the
 //! fault's own choices), so one seed always yields one schedule.
@@ -15,7 +16,7 @@ use super::history::Shared;
 use super::rng::Rng;
 use super::runner::Runner;
 
-pub(super) const NEMESES: [&str; 11] = [
+pub(super) const NEMESES: [&str; 13] = [
     "none",
     "isolate",
     "halves",
@@ -27,6 +28,8 @@ pub(super) const NEMESES: [&str; 11] = [
     "pause",
     "skew-within",
     "skew-beyond",
+    "disk-full",
+    "damage-record",
 ];
 
 /// Runs faults until `faulty` has passed since the run started, and at least one full cycle
@@ -98,12 +101,19 @@ impl Runner {
     ) {
         let hold = rng.range_ms(2500, 4000);
         let name = NEMESES[which];
+        if let ("disk-full", Err(why)) = (name, &self.disks) {
+            let why = why.clone();
+            self.note(shared, format!("nemesis disk-full skipped: {why}"));
+            return;
+        }
         self.applied.push(name);
         match name {
             "flapping" => self.flap(em, shared, which, hold, rng).await,
             "kill-restart" => self.kill_restart(shared, which, hold, rng).await,
             "pause" => self.pause(shared, which, hold, rng).await,
             "skew-within" | "skew-beyond" => self.skew(shared, which, hold, rng).await,
+            "disk-full" => self.disk_full(shared, which, hold, rng).await,
+            "damage-record" => self.damage_record(shared, which, hold, rng).await,
             _ => {
                 let Some(what) = self.degrade_links(em, name, rng) else {
                     return;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use meridian_harness::SmallDisk;
 use serde_json::{Value, json};
 
 use crate::Cluster;
@@ -11,6 +12,9 @@ use crate::Cluster;
 use super::history::Shared;
 
 pub(super) struct Runner {
+    /// Each node's data directory on its own small disk (dropped, so unmounted, before the
+    /// cluster's directory is removed), or why the disk nemeses cannot run.
+    pub(super) disks: Result<Vec<SmallDisk>, String>,
     pub(super) cluster: Cluster,
     /// The topology whose every link goes through the emulator.
     pub(super) links_topology: PathBuf,
@@ -28,12 +32,14 @@ pub(super) struct Runner {
 impl Runner {
     pub(super) fn new(
         cluster: Cluster,
+        disks: Result<Vec<SmallDisk>, String>,
         links_topology: PathBuf,
         client: reqwest::Client,
     ) -> Runner {
         let ids = cluster.nodes.iter().map(|s| s.id.clone()).collect();
         let regions = cluster.nodes.iter().map(|s| s.region.clone()).collect();
         Runner {
+            disks,
             cluster,
             links_topology,
             ids,

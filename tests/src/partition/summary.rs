@@ -187,6 +187,8 @@ fn fault_counts(applied: &[&str]) -> Value {
         "pause": count(&|a| a == "pause"),
         "skew": count(&|a| a.starts_with("skew")),
         "skew-beyond-drift": count(&|a| a == "skew-beyond"),
+        "disk-full": count(&|a| a == "disk-full"),
+        "damage-record": count(&|a| a == "damage-record"),
         "all": applied,
     })
 }
