@@ -137,6 +137,14 @@ pub(super) fn rustls_refusal(err: IdentityError) -> rustls::Error {
     rustls::Error::Other(OtherError(Arc::new(err)))
 }
 
+/// A failed chain check as the reason of a refusal.
+pub(super) fn untrusted_reason(err: rustls::Error) -> IdentityError {
+    match err {
+        rustls::Error::InvalidCertificate(e) => IdentityError::Untrusted(e.to_string()),
+        other => IdentityError::Untrusted(other.to_string()),
+    }
+}
+
 /// webpki's bare reasons ("BadSignature", "UnknownIssuer") do not say which check failed.
 pub(super) fn untrusted(err: rustls::Error) -> rustls::Error {
     match err {

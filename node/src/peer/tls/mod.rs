@@ -37,10 +37,14 @@ use rustls::{RootCertStore, SignatureScheme};
 use crate::config::Topology;
 
 mod identity;
+mod keys;
+mod refusals;
 
 pub(crate) use identity::single_uri_san;
 pub use identity::{IdentityError, PeerIdentity, identity_of};
-use identity::{rustls_refusal, untrusted};
+use identity::{rustls_refusal, untrusted, untrusted_reason};
+use keys::EndpointKeys;
+pub use refusals::CertRefusals;
 
 /// The ALPN protocol of peer links; a peer speaking anything else fails the handshake.
 pub const ALPN: &[u8] = b"meridian-repl/1";
@@ -66,6 +70,13 @@ pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// How many streams of each direction a peer may have open at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 8;
+/// Connection attempts quinn holds for the accept loop before refusing new ones by itself. The
+/// loop decides on each at once (see `peer::admission`), so few ever wait.
+pub const MAX_INCOMING: usize = 256;
+/// Bytes quinn buffers per connection attempt not yet decided on, and for all of them: an
+/// Initial flight is a few kilobytes.
+pub const INCOMING_BUFFER_BYTES: u64 = 16 * 1024;
+pub const INCOMING_BUFFER_TOTAL_BYTES: u64 = 1024 * 1024;
 
 /// Installs ring as the process-wide rustls provider. Idempotent: a provider already installed
 /// (by an earlier call, or by a test) is kept.
@@ -175,6 +186,9 @@ pub struct PeerTls {
     clients: HashMap<String, quinn::ClientConfig>,
     /// For a dial to a node the topology does not declare: refuses every certificate.
     stranger: quinn::ClientConfig,
+    /// Derived from the node's key: the same after a restart.
+    keys: EndpointKeys,
+    refusals: Arc<CertRefusals>,
 }
 
 impl fmt::Debug for PeerTls {
@@ -215,6 +229,8 @@ impl PeerTls {
         let roots = Arc::new(load_roots(ca_path)?);
         let chain = load_certs(cert_path, "node certificate")?;
         let key = load_key(key_path)?;
+        let keys = EndpointKeys::derive(key.secret_der());
+        let refusals = Arc::new(CertRefusals::default());
 
         if check_own_identity {
             check_own_cert(
@@ -236,6 +252,7 @@ impl PeerTls {
             .with_client_cert_verifier(Arc::new(PeerClientVerifier {
                 chain: client_verifier,
                 topology: topology.clone(),
+                refusals: refusals.clone(),
             }))
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(config_err)?;
@@ -245,7 +262,11 @@ impl PeerTls {
         server_tls.max_early_data_size = 0;
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
-        server.transport_config(transport.clone());
+        server
+            .transport_config(transport.clone())
+            .max_incoming(MAX_INCOMING)
+            .incoming_buffer_size(INCOMING_BUFFER_BYTES)
+            .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL_BYTES);
 
         let algorithms = provider.signature_verification_algorithms;
         let client_for = |expected_node: &str,
@@ -286,7 +307,14 @@ impl PeerTls {
             server,
             clients,
             stranger,
+            keys,
+            refusals,
         })
+    }
+
+    /// The client certificates this node refused, with the latest reason.
+    pub fn certificate_refusals(&self) -> &CertRefusals {
+        &self.refusals
     }
 
     /// This node.
@@ -423,11 +451,13 @@ fn transport_config() -> TransportConfig {
 }
 
 /// Server side: webpki checks the chain, then the identity must name a node of the topology in
-/// its topology region.
+/// its topology region. A refused client learns nothing but "access denied" (F16); the reason
+/// goes to `refusals`.
 #[derive(Debug)]
 struct PeerClientVerifier {
     chain: Arc<dyn ClientCertVerifier>,
     topology: Arc<Topology>,
+    refusals: Arc<CertRefusals>,
 }
 
 impl ClientCertVerifier for PeerClientVerifier {
@@ -449,12 +479,15 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
+        let checked = self
             .chain
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(untrusted)?;
-        identity_of(end_entity, &self.topology).map_err(rustls_refusal)?;
-        Ok(verified)
+            .map_err(untrusted_reason)
+            .and_then(|verified| identity_of(end_entity, &self.topology).map(|_| verified));
+        checked.map_err(|reason| {
+            self.refusals.record(reason);
+            refusals::access_denied()
+        })
     }
 
     fn verify_tls12_signature(
@@ -558,9 +591,20 @@ pub fn peer_identity(
 
 /// A QUIC endpoint bound to `bind` that accepts peers (with [`PeerTls::server_config`]) and
 /// dials them (with [`dial`]).
+/// Its stateless-reset and connection-ID keys derive from the node's key, so after a restart
+/// the new process resets the peers' connections to the old one at their next packet.
 pub fn endpoint(bind: SocketAddr, tls: &PeerTls) -> Result<quinn::Endpoint, TlsError> {
-    quinn::Endpoint::server(tls.server_config(), bind)
-        .map_err(|source| TlsError::Bind { addr: bind, source })
+    let bind_err = |source| TlsError::Bind { addr: bind, source };
+    let socket = std::net::UdpSocket::bind(bind).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(io::Error::other("no async runtime to drive the endpoint")))?;
+    quinn::Endpoint::new(
+        tls.keys.endpoint_config(),
+        Some(tls.server_config()),
+        socket,
+        runtime,
+    )
+    .map_err(bind_err)
 }
 
 /// Dials `peer_id` at `addr` (its peer address, or a link emulator routing to it) and completes
