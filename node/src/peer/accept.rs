@@ -150,6 +150,15 @@ async fn serve_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming, slot: Handshak
                     "handshake_timeout",
                     format!("did not complete within {HANDSHAKE_DEADLINE:?}"),
                 ),
+                // A node gives up a dial when we reached it meanwhile: not a failure.
+                HandshakeFailure::Failed(e @ quinn::ConnectionError::ApplicationClosed(_)) => {
+                    ctx.engine
+                        .metrics
+                        .peer_admission
+                        .refused("abandoned_by_client");
+                    tracing::debug!(%remote, error = %e, "the client gave up its handshake");
+                    return;
+                }
                 HandshakeFailure::Failed(e) => ("handshake_failed", e.to_string()),
             };
             ctx.engine.metrics.peer_admission.refused(reason);
