@@ -300,18 +300,21 @@ async fn subscribe_once(
                 return Ok(());
             }
             LinkEvent::PeerReachedUs => {
-                if probe.is_none() {
-                    probe = Probe::send(&conn);
-                }
+                // A pending probe may predate the peer's restart (and have been answered by
+                // the process that died since): only a probe sent now tells.
+                probe = Probe::send(&conn);
+                tracing::debug!(peer = %peer.id, sent = probe.is_some(), "the peer reached this node anew; probing this link");
                 continue;
             }
             LinkEvent::ProbeDue => {
                 if let Some(p) = probe.take()
                     && !p.answered(&conn)
                 {
+                    tracing::debug!(peer = %peer.id, "the probe of this link was not answered");
                     conn.close(0u32.into(), b"link went stale");
                     return Err(LinkError::StaleLink { waited: p.wait });
                 }
+                tracing::debug!(peer = %peer.id, "the probe of this link was answered");
                 continue;
             }
         };

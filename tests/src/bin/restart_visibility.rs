@@ -67,6 +67,13 @@ async fn main() {
             written.duration_since(restart).as_secs_f64(),
             latency.as_secs_f64(),
         );
+        if std::env::var_os("RESTART_VISIBILITY_LOGS").is_some()
+            && up.is_none_or(|d| d > Duration::from_secs(1))
+        {
+            for i in 0..3 {
+                eprintln!("--- log of node {i}:\n{}", cluster.log(i));
+            }
+        }
         visible.push(latency);
         match up {
             Some(up) => connected.push(up),
