@@ -73,6 +73,19 @@ async fn a_flood_of_unauthenticated_initials_does_not_keep_a_restarted_peer_out(
         flood.sent() > sent_before,
         "the flood went on while the links formed"
     );
+    // Past the handshake deadline of the attempts the flood got in: the links stay up.
+    let sent_at_links = flood.sent();
+    assert!(
+        poll_until(DEADLINE, || async { flood.sent() >= sent_at_links + 1_500 }).await,
+        "the flood stalled"
+    );
+    for (api, peer) in [(&eu, &us_spec), (&us, &eu_spec)] {
+        let report = link_report(api, &peer.id, &peer.region).await;
+        assert!(
+            report.as_ref().is_some_and(|r| r.all_up_since(restarted)),
+            "{report:?}"
+        );
+    }
     // The flood was turned away, counted, and logged at a bounded rate.
     let metrics = eu.text("/metrics").await.unwrap_or_default();
     let retries = metric(&metrics, "meridian_peer_handshake_retries_total").unwrap_or(0.0);
@@ -83,6 +96,10 @@ async fn a_flood_of_unauthenticated_initials_does_not_keep_a_restarted_peer_out(
     let lines = lines_with(&log, "refused a connection attempt on the peer port")
         + lines_with(&log, "peer handshake failed");
     let windows = started.elapsed().as_secs() as usize / 10 + 2;
+    eprintln!(
+        "{sent} Initials in {:?}: {retries} Retries, {lines} log lines on eu-west-1",
+        started.elapsed()
+    );
     assert!(
         lines <= 2 * 5 * windows,
         "{lines} log lines for {sent} Initials: not rate-limited\n{log}"
