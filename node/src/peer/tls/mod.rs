@@ -41,8 +41,8 @@ mod keys;
 mod refusals;
 
 pub(crate) use identity::single_uri_san;
+use identity::untrusted_reason;
 pub use identity::{IdentityError, PeerIdentity, identity_of};
-use identity::{rustls_refusal, untrusted, untrusted_reason};
 use keys::EndpointKeys;
 pub use refusals::CertRefusals;
 
@@ -153,6 +153,12 @@ pub enum TlsError {
         addr: SocketAddr,
         after: Duration,
     },
+    #[error("peer {peer:?} at {addr} refused at the handshake: {reason}")]
+    PeerRefused {
+        peer: String,
+        addr: SocketAddr,
+        reason: Box<IdentityError>,
+    },
     #[error("the peer presented no certificate")]
     NoPeerCertificate,
     #[error("the peer's certificate names no node of the topology: {0}")]
@@ -186,6 +192,9 @@ pub struct PeerTls {
     clients: HashMap<String, quinn::ClientConfig>,
     /// For a dial to a node the topology does not declare: refuses every certificate.
     stranger: quinn::ClientConfig,
+    /// Per client configuration (same keys; "" for `stranger`): why its verifier refused the
+    /// last server certificate. The server is told only "access denied".
+    server_refusals: HashMap<String, RefusalSlot>,
     /// Derived from the node's key: the same after a restart.
     keys: EndpointKeys,
     refusals: Arc<CertRefusals>,
@@ -269,14 +278,18 @@ impl PeerTls {
             .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL_BYTES);
 
         let algorithms = provider.signature_verification_algorithms;
-        let client_for = |expected_node: &str,
-                          expected_uri: Option<String>|
+        let mut server_refusals = HashMap::new();
+        let mut client_for = |expected_node: &str,
+                              expected_uri: Option<String>|
          -> Result<quinn::ClientConfig, TlsError> {
+            let refused = RefusalSlot::default();
+            server_refusals.insert(expected_node.to_string(), refused.clone());
             let verifier = PeerServerVerifier {
                 roots: roots.clone(),
                 algorithms,
                 expected_node: expected_node.to_string(),
                 expected_uri,
+                refused,
             };
             let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&rustls::version::TLS13])
@@ -307,6 +320,7 @@ impl PeerTls {
             server,
             clients,
             stranger,
+            server_refusals,
             keys,
             refusals,
         })
@@ -522,6 +536,39 @@ struct PeerServerVerifier {
     expected_node: String,
     /// `None` for a node the topology does not declare: every certificate is refused.
     expected_uri: Option<String>,
+    refused: RefusalSlot,
+}
+
+/// Why a verifier refused the latest certificate, for the dialler's own error.
+type RefusalSlot = Arc<std::sync::Mutex<Option<IdentityError>>>;
+
+impl PeerServerVerifier {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), IdentityError> {
+        let parsed = ParsedCertificate::try_from(end_entity)
+            .map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )
+        .map_err(untrusted_reason)?;
+        let uri = single_uri_san(end_entity)?;
+        match &self.expected_uri {
+            Some(expected) if *expected == uri => Ok(()),
+            Some(_) => Err(IdentityError::UnexpectedPeer {
+                expected: self.expected_node.clone(),
+                found: uri,
+            }),
+            None => Err(IdentityError::UndeclaredPeer),
+        }
+    }
 }
 
 impl ServerCertVerifier for PeerServerVerifier {
@@ -533,23 +580,14 @@ impl ServerCertVerifier for PeerServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )
-        .map_err(untrusted)?;
-        let uri = single_uri_san(end_entity).map_err(rustls_refusal)?;
-        match &self.expected_uri {
-            Some(expected) if *expected == uri => Ok(ServerCertVerified::assertion()),
-            Some(_) => Err(rustls_refusal(IdentityError::UnexpectedPeer {
-                expected: self.expected_node.clone(),
-                found: uri,
-            })),
-            None => Err(rustls_refusal(IdentityError::UndeclaredPeer)),
+        // The server, not authenticated, is told only "access denied"; the dialler's error
+        // says why (see `dial`).
+        match self.check(end_entity, intermediates, now) {
+            Ok(()) => Ok(ServerCertVerified::assertion()),
+            Err(reason) => {
+                *crate::sync::lock(&self.refused) = Some(reason);
+                Err(refusals::access_denied())
+            }
         }
     }
 
@@ -624,7 +662,25 @@ pub async fn dial(
             addr,
             source,
         })?;
-    dial_within(connecting, HANDSHAKE_TIMEOUT, peer_id, addr).await
+    let refused = tls
+        .server_refusals
+        .get(peer_id)
+        .or_else(|| tls.server_refusals.get(""));
+    if let Some(slot) = refused {
+        crate::sync::lock(slot).take();
+    }
+    let result = dial_within(connecting, HANDSHAKE_TIMEOUT, peer_id, addr).await;
+    match (result, refused) {
+        (Err(TlsError::Handshake { .. }), Some(slot)) if crate::sync::lock(slot).is_some() => {
+            let reason = crate::sync::lock(slot).take();
+            Err(TlsError::PeerRefused {
+                peer: peer_id.to_string(),
+                addr,
+                reason: Box::new(reason.unwrap_or(IdentityError::UndeclaredPeer)),
+            })
+        }
+        (result, _) => result,
+    }
 }
 
 async fn dial_within(

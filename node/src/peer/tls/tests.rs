@@ -333,11 +333,13 @@ async fn a_valid_certificate_of_another_node_is_refused_by_the_dialer() {
     )
     .unwrap();
     let c = PeerTls::load(topology.clone(), "ap-south-1").unwrap();
-    let (client_side, _) = assert_refused(&c, &impostor, "eu-west-1").await;
+    let (client_side, server_side) = assert_refused(&c, &impostor, "eu-west-1").await;
     assert!(
         client_side.contains("us-east-1") && client_side.contains("eu-west-1"),
         "client: {client_side}"
     );
+    // The impostor, not authenticated, learns nothing of what the dialler expected.
+    assert_tells_nothing(&server_side.unwrap().to_string());
 
     // As a client, the impostor is known by its certificate, not by its claim.
     let c_ep = endpoint(localhost(), &c).unwrap();
