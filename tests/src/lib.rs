@@ -5,7 +5,9 @@
 //! needs the whole system: the [`Cluster`], a fake peer holding a genuine node identity, and
 //! the Jepsen-style [`partition`] suite.
 
+pub mod flood;
 pub mod partition;
+pub mod restart;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -96,6 +96,7 @@ pub struct Metrics {
     pub apply_lag_seconds: Family<PeerRegion, Histogram, fn() -> Histogram>,
     pub corrupt_records_total: Counter,
     pub record_repairs_total: Family<Reason, Counter>,
+    pub peer_admission: super::peer_admission::PeerAdmissionMetrics,
 }
 
 /// `metric`, registered in `registry` under `name` with `help`.
@@ -222,7 +223,9 @@ impl Metrics {
             "Repairs of corrupt records, by outcome (rebuilt from the change log, intact by then, failed)",
             Family::<Reason, Counter>::default(),
         );
+        let peer_admission = super::peer_admission::PeerAdmissionMetrics::registered(r);
         Metrics {
+            peer_admission,
             registry,
             corrupt_records_total,
             record_repairs_total,

@@ -15,10 +15,17 @@
 //! * A frame is at most `MAX_FRAME_BYTES`, checked before reading it; a bad frame or protocol
 //!   violation ends the link (which resumes from the durable frontier), never the process.
 //!
-//! Layout: `subscribe` (the receiving side of a link), `serve` (the sending side), `forward`
+//! * Unauthenticated work never takes the room of authenticated work: connection attempts are
+//!   admitted into bounded handshake lanes (`admission`), links exist only for authenticated
+//!   nodes, one per node and direction; a node's newer link replaces its older one at once.
+//!
+//! Layout: `accept` (the peer port: admission, handshakes), `subscribe` (the receiving side of
+//! a link), `serve` (the sending side), `forward`
 //! (requests carried to other regions), `frame` (messages over QUIC streams), `status` (what
 //! the links report), `tls` (identity and the QUIC transport).
 
+mod accept;
+pub mod admission;
 mod forward;
 mod frame;
 mod serve;
@@ -41,7 +48,7 @@ use crate::config::NodeConfig;
 use crate::engine::Engine;
 use crate::observe::metrics::Reason;
 use crate::store::StoreError;
-use serve::accept_loop;
+use accept::{Subscribers, accept_loop};
 use subscribe::subscribe_loop;
 use tls::PeerTls;
 
@@ -71,6 +78,10 @@ pub enum LinkError {
     Apply(#[from] crate::engine::WriteError),
     #[error("the peer reached this node while a dial to it was pending")]
     PeerReachedUs,
+    #[error(
+        "the link went stale: the peer reached this node anew, and this link received nothing in {waited:?} after a probe"
+    )]
+    StaleLink { waited: Duration },
 }
 
 /// Everything the link tasks share.
@@ -85,6 +96,8 @@ struct Ctx {
     /// between us works again, so our own dial to it, waiting in backoff or in a handshake
     /// begun while the path was cut, starts over at once instead of at the next retry.
     reachable: HashMap<String, watch::Sender<()>>,
+    /// The live subscription of each peer node to us.
+    subscribers: Subscribers,
 }
 
 /// What the replication driver needs from the node.
@@ -122,6 +135,7 @@ pub async fn run(links: Links, bind: SocketAddr) -> Result<(), LinkError> {
             .iter()
             .map(|p| (p.id.clone(), watch::Sender::new(())))
             .collect(),
+        subscribers: Subscribers::default(),
     });
     // Every line a link logs carries the node and region of the span we run in.
     let span = tracing::Span::current();

@@ -4,7 +4,6 @@
 //! Architecture invariant: a sender streams from the log on disk, never from an unbounded
 //! queue, and vouches only for what it has read after reading its frontier.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_replication::protocol::{
@@ -14,7 +13,8 @@ use meridian_replication::wire::Message;
 use tracing::Instrument;
 
 use super::forward::serve_forwards;
-use super::frame::{close_link, hello, peer_said_goodbye, read_msg, write_msg};
+use super::frame::{close_link, hello, read_msg, write_msg};
+use super::status::Direction;
 use super::tls::{self, MAX_CONNECTION_AGE};
 use super::{Ctx, LinkError};
 use crate::clock::unix_ms;
@@ -24,41 +24,6 @@ use crate::store::{Store, StoreError};
 
 /// A sender with nothing new still sends progress this often, and retries held changes.
 const IDLE_TICK: Duration = Duration::from_millis(500);
-
-pub(super) async fn accept_loop(ctx: Arc<Ctx>) {
-    let mut shutdown = ctx.shutdown.clone();
-    let mut links = tokio::task::JoinSet::new();
-    loop {
-        let incoming = tokio::select! {
-            i = ctx.endpoint.accept() => i,
-            _ = shutdown.changed() => break,
-        };
-        let Some(incoming) = incoming else { break };
-        // Bound the number of concurrent subscriptions: each peer needs one.
-        let max_links = ctx.engine.topology.nodes.len() * 2;
-        while links.try_join_next().is_some() {}
-        if links.len() >= max_links {
-            incoming.refuse();
-            continue;
-        }
-        let ctx = ctx.clone();
-        let span = tracing::Span::current();
-        links.spawn(
-            async move {
-                let remote = incoming.remote_address();
-                if let Err(e) = serve_subscriber(&ctx, incoming).await {
-                    if peer_said_goodbye(&e).is_some() || matches!(e, LinkError::StreamEnded) {
-                        tracing::debug!(%remote, error = %e, "subscriber link ended");
-                    } else {
-                        tracing::warn!(%remote, error = %e, "subscriber link ended with an error");
-                    }
-                }
-            }
-            .instrument(span),
-        );
-    }
-    links.abort_all();
-}
 
 /// The node's change logs as the core's [`ChangeSource`], at one moment.
 struct NodeSource<'a> {
@@ -118,9 +83,9 @@ fn snapshot(engine: &Engine) -> Result<NodeSource<'_>, StoreError> {
     })
 }
 
-async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), LinkError> {
+/// Serve one authenticated connection: the peer's subscription, then stream to it.
+pub(super) async fn serve_subscriber(ctx: &Ctx, conn: quinn::Connection) -> Result<(), LinkError> {
     let engine = &ctx.engine;
-    let conn = incoming.await?;
     // The TLS verifier admitted only a node of the topology in its own region.
     let identity = tls::peer_identity(&conn, &engine.topology)?;
     let (mut send, mut recv) = conn.accept_bi().await?;
@@ -135,6 +100,26 @@ async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), Li
         }
     };
     write_msg(&mut send, &hello(engine, &Frontier::default())).await?;
+    let (subscription, replaced) = ctx.subscribers.register(&identity.node_id, &conn);
+    if replaced {
+        tracing::info!(peer = %identity.node_id, "the peer subscribed again; closed its older subscription");
+    }
+    let result = serve_registered(ctx, &conn, send, recv, stated, &identity).await;
+    ctx.subscribers.remove(&identity.node_id, subscription);
+    result
+}
+
+async fn serve_registered(
+    ctx: &Ctx,
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    stated: Vec<meridian_replication::wire::FrontierEntry>,
+    identity: &tls::PeerIdentity,
+) -> Result<(), LinkError> {
+    let engine = &ctx.engine;
+    // Our own subscription to this peer may be stale (the peer restarted): the subscriber
+    // probes it.
     if let Some(r) = ctx.reachable.get(&identity.node_id) {
         r.send_replace(());
     }
@@ -154,15 +139,14 @@ async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), Li
     );
     let link = PeerLink::outbound(&identity.node_id, &identity.region);
     let region_label = PeerRegion::of(&identity.region);
-    engine.metrics.peer_up.get_or_create(&link).set(1);
-    ctx.peers.update(&identity.node_id, |s| {
-        s.outbound_connected = true;
-        s.outbound_since_unix_ms = Some(unix_ms());
-    });
+    let up = engine.metrics.peer_up.get_or_create(&link).clone();
+    let _link_up =
+        ctx.peers
+            .link_up_until_dropped(&identity.node_id, Direction::Outbound, unix_ms(), up);
     tracing::info!(peer = %identity.node_id, peer_region = %identity.region, "streaming changes to peer");
     let result = stream_to(
         ctx,
-        &conn,
+        conn,
         &mut send,
         &mut recv,
         &mut out,
@@ -171,11 +155,6 @@ async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), Li
     )
     .await;
     forwards.abort();
-    engine.metrics.peer_up.get_or_create(&link).set(0);
-    ctx.peers.update(&identity.node_id, |s| {
-        s.outbound_connected = false;
-        s.outbound_since_unix_ms = None;
-    });
     result
 }
 

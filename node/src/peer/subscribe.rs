@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use meridian_replication::backoff::Backoff;
 use meridian_replication::protocol::{Frontier, Inbound, check_hello, plan_batch};
@@ -15,6 +15,7 @@ use meridian_replication::wire::Message;
 use tokio::sync::watch;
 
 use super::frame::{AbortOnDrop, close_link, hello, peer_said_goodbye, read_msg, write_msg};
+use super::status::Direction;
 use super::tls::{self, MAX_CONNECTION_AGE};
 use super::{Ctx, LinkError};
 use crate::clock::unix_ms;
@@ -78,7 +79,6 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
     let mut reachable = ctx.reachable.get(&peer.id).map(watch::Sender::subscribe);
     let mut backoff = Backoff::new();
     let mut last_error: Option<String> = None;
-    let link = PeerLink::inbound(&peer.id, &peer.region);
     loop {
         if *shutdown.borrow() {
             return;
@@ -94,11 +94,6 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
         }
         let result = subscribe_once(&ctx, &peer, addr, reachable.as_mut()).await;
         ctx.forwarder.register(&peer.id, None);
-        engine.metrics.peer_up.get_or_create(&link).set(0);
-        ctx.peers.update(&peer.id, |s| {
-            s.inbound_connected = false;
-            s.inbound_since_unix_ms = None;
-        });
         match result {
             Ok(()) => {
                 backoff.reset();
@@ -107,6 +102,13 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
             Err(LinkError::PeerReachedUs) => {
                 tracing::info!(peer = %peer.id, "peer reached this node while a dial to it was pending; dialling again now");
                 backoff.reset();
+                continue;
+            }
+            Err(e) if peer_restarted(&e) => {
+                // The link was to an earlier process of the peer: a new one is there now.
+                tracing::info!(peer = %peer.id, error = %e, "the peer restarted; dialling its new process now");
+                backoff.reset();
+                last_error = None;
                 continue;
             }
             Err(e) if peer_said_goodbye(&e).is_some() => {
@@ -154,11 +156,64 @@ async fn peer_reached_us(reachable: Option<&mut watch::Receiver<()>>) {
     }
 }
 
+/// The link to a process that is gone: our probe was answered by a stateless reset from the
+/// peer's new process, or by nothing.
+fn peer_restarted(e: &LinkError) -> bool {
+    let conn_err = match e {
+        LinkError::StaleLink { .. } => return true,
+        LinkError::Connection(c) => c,
+        LinkError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => c,
+        LinkError::Write(quinn::WriteError::ConnectionLost(c)) => c,
+        _ => return false,
+    };
+    matches!(conn_err, quinn::ConnectionError::Reset)
+}
+
+/// A probe of an established link: anything received after it was sent shows the link alive.
+struct Probe {
+    datagrams_before: u64,
+    wait: Duration,
+    due: tokio::time::Instant,
+}
+
+/// A live peer acknowledges a probe within a round trip and its acknowledgement delay; this
+/// is several times that, at least [`PROBE_MIN_WAIT`].
+const PROBE_MIN_WAIT: Duration = Duration::from_millis(1500);
+
+impl Probe {
+    /// Sends one ack-eliciting packet (a one-byte datagram, which a live peer drops unread):
+    /// a live peer acknowledges it, and a restarted peer answers it with a stateless reset
+    /// (its reset key is stable), which ends this link at once. `None` if the connection
+    /// cannot carry datagrams.
+    fn send(conn: &quinn::Connection) -> Option<Probe> {
+        let datagrams_before = conn.stats().udp_rx.datagrams;
+        conn.send_datagram(bytes::Bytes::from_static(&[0])).ok()?;
+        let wait = PROBE_MIN_WAIT.max(conn.rtt() * 4);
+        Some(Probe {
+            datagrams_before,
+            wait,
+            due: tokio::time::Instant::now() + wait,
+        })
+    }
+
+    fn answered(&self, conn: &quinn::Connection) -> bool {
+        conn.stats().udp_rx.datagrams > self.datagrams_before
+    }
+}
+
+/// Returns when `probe` is due; never without one.
+async fn probe_due(probe: &Option<Probe>) {
+    match probe {
+        Some(p) => tokio::time::sleep_until(p.due).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn subscribe_once(
     ctx: &Ctx,
     peer: &NodeConfig,
     addr: SocketAddr,
-    reachable: Option<&mut watch::Receiver<()>>,
+    mut reachable: Option<&mut watch::Receiver<()>>,
 ) -> Result<(), LinkError> {
     let engine = &ctx.engine;
     let policy = &engine.topology.residency;
@@ -167,7 +222,7 @@ async fn subscribe_once(
     // wait for it.
     let conn = tokio::select! {
         c = tls::dial(&ctx.endpoint, &ctx.tls, &peer.id, addr) => c?,
-        () = peer_reached_us(reachable) => return Err(LinkError::PeerReachedUs),
+        () = peer_reached_us(reachable.as_deref_mut()) => return Err(LinkError::PeerReachedUs),
         _ = stop.changed() => return Ok(()),
     };
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -183,13 +238,15 @@ async fn subscribe_once(
     }
     let link = PeerLink::inbound(&peer.id, &peer.region);
     let region_label = PeerRegion::of(&peer.region);
-    engine.metrics.peer_up.get_or_create(&link).set(1);
+    let up = engine.metrics.peer_up.get_or_create(&link).clone();
+    let _link_up = ctx
+        .peers
+        .link_up_until_dropped(&peer.id, Direction::Inbound, unix_ms(), up);
     ctx.forwarder.register(&peer.id, Some(conn.clone()));
-    ctx.peers.update(&peer.id, |s| {
-        s.inbound_connected = true;
-        s.inbound_since_unix_ms = Some(unix_ms());
-        s.last_error = None;
-    });
+    ctx.peers.update(&peer.id, |s| s.last_error = None);
+    // Set when the peer reached us while this link is up: is this link still to a live
+    // process of the peer?
+    let mut probe: Option<Probe> = None;
     tracing::info!(peer = %peer.id, peer_region = %peer.region, "receiving changes from peer");
     let mut inbound = Inbound::default();
     let age_limit = tokio::time::sleep(MAX_CONNECTION_AGE);
@@ -220,6 +277,8 @@ async fn subscribe_once(
             r = commit_done(&mut in_flight) => LinkEvent::Committed(r),
             () = &mut age_limit => LinkEvent::AgeLimit,
             _ = shutdown.changed() => LinkEvent::Shutdown,
+            () = peer_reached_us(reachable.as_deref_mut()) => LinkEvent::PeerReachedUs,
+            () = probe_due(&probe) => LinkEvent::ProbeDue,
         };
         let first = match event {
             LinkEvent::Frame(Some(m)) => m?,
@@ -239,6 +298,24 @@ async fn subscribe_once(
             LinkEvent::Shutdown => {
                 close_link(&conn, &mut send, 0, "node shutting down").await;
                 return Ok(());
+            }
+            LinkEvent::PeerReachedUs => {
+                // A pending probe may predate the peer's restart (and have been answered by
+                // the process that died since): only a probe sent now tells.
+                probe = Probe::send(&conn);
+                tracing::debug!(peer = %peer.id, sent = probe.is_some(), "the peer reached this node anew; probing this link");
+                continue;
+            }
+            LinkEvent::ProbeDue => {
+                if let Some(p) = probe.take()
+                    && !p.answered(&conn)
+                {
+                    tracing::debug!(peer = %peer.id, "the probe of this link was not answered");
+                    conn.close(0u32.into(), b"link went stale");
+                    return Err(LinkError::StaleLink { waited: p.wait });
+                }
+                tracing::debug!(peer = %peer.id, "the probe of this link was answered");
+                continue;
             }
         };
         let mut batches = Vec::new();
@@ -356,6 +433,9 @@ enum LinkEvent {
     Committed(Result<ApplyStats, LinkError>),
     AgeLimit,
     Shutdown,
+    /// The peer's subscription to us was accepted: probe this link.
+    PeerReachedUs,
+    ProbeDue,
 }
 
 /// A received batch being committed in its own task, with what its acknowledgement and
@@ -443,7 +523,6 @@ async fn finish_commit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn a_pending_dial_is_cut_short_only_by_contact_after_it_began() {

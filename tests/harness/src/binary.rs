@@ -7,17 +7,20 @@ use std::process::Command;
 use serde_json::Value;
 
 /// The `meridian` binary: `$MERIDIAN_BIN` if set, else `meridian` in the `target/<profile>`
-/// folder above the running test executable (test executables live in its `deps/`), built
-/// first if it is missing. Panics if it cannot be built.
+/// folder of the running executable (test executables live in its `deps/`, binaries such as
+/// `restart-visibility` in the folder itself), built first if it is missing. Panics if it
+/// cannot be built.
 pub fn meridian_bin() -> PathBuf {
     if let Ok(p) = std::env::var("MERIDIAN_BIN") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile> folder");
+    let folder = exe.parent().expect("the executable's folder");
+    let profile_dir = if folder.ends_with("deps") {
+        folder.parent().expect("target/<profile> folder")
+    } else {
+        folder
+    };
     meridian_bin_in(profile_dir).unwrap_or_else(|e| panic!("{e}"))
 }
 

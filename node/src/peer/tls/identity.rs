@@ -5,9 +5,6 @@
 //! URI only explains a refusal.
 
 use std::fmt;
-use std::sync::Arc;
-
-use rustls::OtherError;
 
 use crate::config::Topology;
 
@@ -130,19 +127,11 @@ fn parse_spiffe(uri: &str) -> Option<(&str, &str, &str)> {
     }
 }
 
-/// A refusal as a rustls error. `Error::Other` rather than `InvalidCertificate(Other)`: the
-/// latter displays as a Debug dump, and the close reason of the refused connection is usually
-/// all an operator sees. The price is a generic handshake_failure alert to the peer.
-pub(super) fn rustls_refusal(err: IdentityError) -> rustls::Error {
-    rustls::Error::Other(OtherError(Arc::new(err)))
-}
-
-/// webpki's bare reasons ("BadSignature", "UnknownIssuer") do not say which check failed.
-pub(super) fn untrusted(err: rustls::Error) -> rustls::Error {
+/// A failed chain check as the reason of a refusal (webpki's bare "UnknownIssuer" does not
+/// say which check failed).
+pub(super) fn untrusted_reason(err: rustls::Error) -> IdentityError {
     match err {
-        rustls::Error::InvalidCertificate(e) => {
-            rustls_refusal(IdentityError::Untrusted(e.to_string()))
-        }
-        other => other,
+        rustls::Error::InvalidCertificate(e) => IdentityError::Untrusted(e.to_string()),
+        other => IdentityError::Untrusted(other.to_string()),
     }
 }

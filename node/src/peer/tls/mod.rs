@@ -37,10 +37,14 @@ use rustls::{RootCertStore, SignatureScheme};
 use crate::config::Topology;
 
 mod identity;
+mod keys;
+mod refusals;
 
 pub(crate) use identity::single_uri_san;
+use identity::untrusted_reason;
 pub use identity::{IdentityError, PeerIdentity, identity_of};
-use identity::{rustls_refusal, untrusted};
+use keys::EndpointKeys;
+pub use refusals::CertRefusals;
 
 /// The ALPN protocol of peer links; a peer speaking anything else fails the handshake.
 pub const ALPN: &[u8] = b"meridian-repl/1";
@@ -66,6 +70,13 @@ pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// How many streams of each direction a peer may have open at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 8;
+/// Connection attempts quinn holds for the accept loop before refusing new ones by itself. The
+/// loop decides on each at once (see `peer::admission`), so few ever wait.
+pub const MAX_INCOMING: usize = 256;
+/// Bytes quinn buffers per connection attempt not yet decided on, and for all of them: an
+/// Initial flight is a few kilobytes.
+pub const INCOMING_BUFFER_BYTES: u64 = 16 * 1024;
+pub const INCOMING_BUFFER_TOTAL_BYTES: u64 = 1024 * 1024;
 
 /// Installs ring as the process-wide rustls provider. Idempotent: a provider already installed
 /// (by an earlier call, or by a test) is kept.
@@ -142,6 +153,12 @@ pub enum TlsError {
         addr: SocketAddr,
         after: Duration,
     },
+    #[error("peer {peer:?} at {addr} refused at the handshake: {reason}")]
+    PeerRefused {
+        peer: String,
+        addr: SocketAddr,
+        reason: Box<IdentityError>,
+    },
     #[error("the peer presented no certificate")]
     NoPeerCertificate,
     #[error("the peer's certificate names no node of the topology: {0}")]
@@ -175,6 +192,12 @@ pub struct PeerTls {
     clients: HashMap<String, quinn::ClientConfig>,
     /// For a dial to a node the topology does not declare: refuses every certificate.
     stranger: quinn::ClientConfig,
+    /// Per client configuration (same keys; "" for `stranger`): why its verifier refused the
+    /// last server certificate. The server is told only "access denied".
+    server_refusals: HashMap<String, RefusalSlot>,
+    /// Derived from the node's key: the same after a restart.
+    keys: EndpointKeys,
+    refusals: Arc<CertRefusals>,
 }
 
 impl fmt::Debug for PeerTls {
@@ -215,6 +238,8 @@ impl PeerTls {
         let roots = Arc::new(load_roots(ca_path)?);
         let chain = load_certs(cert_path, "node certificate")?;
         let key = load_key(key_path)?;
+        let keys = EndpointKeys::derive(key.secret_der());
+        let refusals = Arc::new(CertRefusals::default());
 
         if check_own_identity {
             check_own_cert(
@@ -236,6 +261,7 @@ impl PeerTls {
             .with_client_cert_verifier(Arc::new(PeerClientVerifier {
                 chain: client_verifier,
                 topology: topology.clone(),
+                refusals: refusals.clone(),
             }))
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(config_err)?;
@@ -245,17 +271,25 @@ impl PeerTls {
         server_tls.max_early_data_size = 0;
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
-        server.transport_config(transport.clone());
+        server
+            .transport_config(transport.clone())
+            .max_incoming(MAX_INCOMING)
+            .incoming_buffer_size(INCOMING_BUFFER_BYTES)
+            .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL_BYTES);
 
         let algorithms = provider.signature_verification_algorithms;
-        let client_for = |expected_node: &str,
-                          expected_uri: Option<String>|
+        let mut server_refusals = HashMap::new();
+        let mut client_for = |expected_node: &str,
+                              expected_uri: Option<String>|
          -> Result<quinn::ClientConfig, TlsError> {
+            let refused = RefusalSlot::default();
+            server_refusals.insert(expected_node.to_string(), refused.clone());
             let verifier = PeerServerVerifier {
                 roots: roots.clone(),
                 algorithms,
                 expected_node: expected_node.to_string(),
                 expected_uri,
+                refused,
             };
             let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&rustls::version::TLS13])
@@ -286,7 +320,15 @@ impl PeerTls {
             server,
             clients,
             stranger,
+            server_refusals,
+            keys,
+            refusals,
         })
+    }
+
+    /// The client certificates this node refused, with the latest reason.
+    pub fn certificate_refusals(&self) -> &CertRefusals {
+        &self.refusals
     }
 
     /// This node.
@@ -423,11 +465,13 @@ fn transport_config() -> TransportConfig {
 }
 
 /// Server side: webpki checks the chain, then the identity must name a node of the topology in
-/// its topology region.
+/// its topology region. A refused client learns nothing but "access denied" (F16); the reason
+/// goes to `refusals`.
 #[derive(Debug)]
 struct PeerClientVerifier {
     chain: Arc<dyn ClientCertVerifier>,
     topology: Arc<Topology>,
+    refusals: Arc<CertRefusals>,
 }
 
 impl ClientCertVerifier for PeerClientVerifier {
@@ -449,12 +493,15 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
+        let checked = self
             .chain
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(untrusted)?;
-        identity_of(end_entity, &self.topology).map_err(rustls_refusal)?;
-        Ok(verified)
+            .map_err(untrusted_reason)
+            .and_then(|verified| identity_of(end_entity, &self.topology).map(|_| verified));
+        checked.map_err(|reason| {
+            self.refusals.record(reason);
+            refusals::access_denied()
+        })
     }
 
     fn verify_tls12_signature(
@@ -489,6 +536,39 @@ struct PeerServerVerifier {
     expected_node: String,
     /// `None` for a node the topology does not declare: every certificate is refused.
     expected_uri: Option<String>,
+    refused: RefusalSlot,
+}
+
+/// Why a verifier refused the latest certificate, for the dialler's own error.
+type RefusalSlot = Arc<std::sync::Mutex<Option<IdentityError>>>;
+
+impl PeerServerVerifier {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), IdentityError> {
+        let parsed = ParsedCertificate::try_from(end_entity)
+            .map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )
+        .map_err(untrusted_reason)?;
+        let uri = single_uri_san(end_entity)?;
+        match &self.expected_uri {
+            Some(expected) if *expected == uri => Ok(()),
+            Some(_) => Err(IdentityError::UnexpectedPeer {
+                expected: self.expected_node.clone(),
+                found: uri,
+            }),
+            None => Err(IdentityError::UndeclaredPeer),
+        }
+    }
 }
 
 impl ServerCertVerifier for PeerServerVerifier {
@@ -500,23 +580,14 @@ impl ServerCertVerifier for PeerServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )
-        .map_err(untrusted)?;
-        let uri = single_uri_san(end_entity).map_err(rustls_refusal)?;
-        match &self.expected_uri {
-            Some(expected) if *expected == uri => Ok(ServerCertVerified::assertion()),
-            Some(_) => Err(rustls_refusal(IdentityError::UnexpectedPeer {
-                expected: self.expected_node.clone(),
-                found: uri,
-            })),
-            None => Err(rustls_refusal(IdentityError::UndeclaredPeer)),
+        // The server, not authenticated, is told only "access denied"; the dialler's error
+        // says why (see `dial`).
+        match self.check(end_entity, intermediates, now) {
+            Ok(()) => Ok(ServerCertVerified::assertion()),
+            Err(reason) => {
+                *crate::sync::lock(&self.refused) = Some(reason);
+                Err(refusals::access_denied())
+            }
         }
     }
 
@@ -558,9 +629,20 @@ pub fn peer_identity(
 
 /// A QUIC endpoint bound to `bind` that accepts peers (with [`PeerTls::server_config`]) and
 /// dials them (with [`dial`]).
+/// Its stateless-reset and connection-ID keys derive from the node's key, so after a restart
+/// the new process resets the peers' connections to the old one at their next packet.
 pub fn endpoint(bind: SocketAddr, tls: &PeerTls) -> Result<quinn::Endpoint, TlsError> {
-    quinn::Endpoint::server(tls.server_config(), bind)
-        .map_err(|source| TlsError::Bind { addr: bind, source })
+    let bind_err = |source| TlsError::Bind { addr: bind, source };
+    let socket = std::net::UdpSocket::bind(bind).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(io::Error::other("no async runtime to drive the endpoint")))?;
+    quinn::Endpoint::new(
+        tls.keys.endpoint_config(),
+        Some(tls.server_config()),
+        socket,
+        runtime,
+    )
+    .map_err(bind_err)
 }
 
 /// Dials `peer_id` at `addr` (its peer address, or a link emulator routing to it) and completes
@@ -580,7 +662,25 @@ pub async fn dial(
             addr,
             source,
         })?;
-    dial_within(connecting, HANDSHAKE_TIMEOUT, peer_id, addr).await
+    let refused = tls
+        .server_refusals
+        .get(peer_id)
+        .or_else(|| tls.server_refusals.get(""));
+    if let Some(slot) = refused {
+        crate::sync::lock(slot).take();
+    }
+    let result = dial_within(connecting, HANDSHAKE_TIMEOUT, peer_id, addr).await;
+    match (result, refused) {
+        (Err(TlsError::Handshake { .. }), Some(slot)) if crate::sync::lock(slot).is_some() => {
+            let reason = crate::sync::lock(slot).take();
+            Err(TlsError::PeerRefused {
+                peer: peer_id.to_string(),
+                addr,
+                reason: Box::new(reason.unwrap_or(IdentityError::UndeclaredPeer)),
+            })
+        }
+        (result, _) => result,
+    }
 }
 
 async fn dial_within(

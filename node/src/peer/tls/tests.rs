@@ -109,7 +109,8 @@ async fn assert_refused(
             let answer = timeout(DEADLINE, ping(&conn)).await.unwrap();
             match answer {
                 Ok(data) => panic!("refused link carried data: {data:?}"),
-                Err(e) => e,
+                // With the server's close reason, which is all a refused client learns.
+                Err(e) => format!("{e}; {}", conn.closed().await),
             }
         }
     };
@@ -298,12 +299,14 @@ async fn a_certificate_from_another_ca_is_refused() {
     )
     .unwrap();
     let b = PeerTls::load(topology.clone(), "us-east-1").unwrap();
-    let (client_side, server_side) = assert_refused(&rogue, &b, "us-east-1").await;
-    let server_side = server_side.unwrap().to_string();
+    let (client_side, _) = assert_refused(&rogue, &b, "us-east-1").await;
+    // The server knows why; the client is told only "access denied".
+    let reason = b.certificate_refusals().last().unwrap();
     assert!(
-        server_side.contains("not trusted by the cluster CA"),
-        "server: {server_side}; client: {client_side}"
+        reason.to_string().contains("not trusted by the cluster CA"),
+        "{reason}"
     );
+    assert_tells_nothing(&client_side);
 
     // And our node dialling a server with the other CA's certificate refuses it itself.
     let rogue_server = PeerTls::load(other_topology, "us-east-1").unwrap();
@@ -330,11 +333,13 @@ async fn a_valid_certificate_of_another_node_is_refused_by_the_dialer() {
     )
     .unwrap();
     let c = PeerTls::load(topology.clone(), "ap-south-1").unwrap();
-    let (client_side, _) = assert_refused(&c, &impostor, "eu-west-1").await;
+    let (client_side, server_side) = assert_refused(&c, &impostor, "eu-west-1").await;
     assert!(
         client_side.contains("us-east-1") && client_side.contains("eu-west-1"),
         "client: {client_side}"
     );
+    // The impostor, not authenticated, learns nothing of what the dialler expected.
+    assert_tells_nothing(&server_side.unwrap().to_string());
 
     // As a client, the impostor is known by its certificate, not by its claim.
     let c_ep = endpoint(localhost(), &c).unwrap();
@@ -381,12 +386,64 @@ async fn a_certificate_placing_a_node_in_the_wrong_region_is_refused() {
     )
     .unwrap();
     let c = PeerTls::load(topology, "ap-south-1").unwrap();
-    let (client_side, server_side) = assert_refused(&misplaced, &c, "ap-south-1").await;
-    let server_side = server_side.unwrap().to_string();
+    let (client_side, _) = assert_refused(&misplaced, &c, "ap-south-1").await;
+    let reason = c.certificate_refusals().last().unwrap();
     assert!(
-        server_side.contains("region"),
-        "server: {server_side}; client: {client_side}"
+        matches!(reason, IdentityError::WrongRegion { .. }),
+        "{reason}"
     );
+    assert_tells_nothing(&client_side);
+}
+
+/// What a refused client read names no node, region, cluster, check or clock of the server.
+fn assert_tells_nothing(client_side: &str) {
+    for word in [
+        "eu-west", "us-east", "ap-south", "region", "topology", "declare", "spiffe", "trusted",
+        "CA", "Issuer", "expired",
+    ] {
+        assert!(
+            !client_side.contains(word),
+            "the refused client was told {word:?}: {client_side}"
+        );
+    }
+    assert!(
+        client_side.contains("ApplicationVerificationFailure") || client_side.contains("access"),
+        "{client_side}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_certificate_of_an_undeclared_node_is_refused_without_naming_the_topology() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = cluster(dir.path());
+    let certs = dir.path().join("certs");
+    let (cert, key) = forge(
+        &certs,
+        "undeclared",
+        &["spiffe://test/region/eu-west/node/eu-west-9"],
+    );
+    let stranger = PeerTls::from_files(
+        topology.clone(),
+        "eu-west-1",
+        &topology.tls.ca,
+        &cert,
+        &key,
+        false,
+    )
+    .unwrap();
+    let b = PeerTls::load(topology, "us-east-1").unwrap();
+    let (client_side, server_side) = assert_refused(&stranger, &b, "us-east-1").await;
+    assert_tells_nothing(&client_side);
+    // The access_denied alert (49) as a QUIC crypto error (0x100 + alert).
+    match server_side {
+        Some(quinn::ConnectionError::TransportError(e)) => {
+            assert_eq!(u64::from(e.code), 0x100 + 49, "{e}");
+        }
+        other => panic!("expected a TLS refusal, got {other:?}"),
+    }
+    let reason = b.certificate_refusals().last().unwrap();
+    assert!(reason.to_string().contains("eu-west-9"), "{reason}");
+    assert_eq!(b.certificate_refusals().count(), 1);
 }
 
 #[test]
@@ -395,4 +452,66 @@ fn every_node_id_gives_a_usable_server_name() {
         assert!(ServerName::try_from(server_name(id)).is_ok(), "{id}");
     }
     assert_eq!(server_name("eu-west-1"), "eu-west-1");
+}
+
+/// A UDP relay for one client: `at` forwards to `to`, answers go back; until aborted.
+async fn relay(at: tokio::net::UdpSocket, to: SocketAddr) {
+    let upstream = tokio::net::UdpSocket::bind(localhost()).await.unwrap();
+    let mut client = None;
+    let (mut down, mut up) = ([0u8; 2048], [0u8; 2048]);
+    loop {
+        tokio::select! {
+            Ok((n, from)) = at.recv_from(&mut down) => {
+                client = Some(from);
+                let _ = upstream.send_to(&down[..n], to).await;
+            }
+            Ok((n, _)) = upstream.recv_from(&mut up) => {
+                if let Some(c) = client {
+                    let _ = at.send_to(&up[..n], c).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_node_resets_the_connections_of_its_previous_process_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = cluster(dir.path());
+    let a = PeerTls::load(topology.clone(), "eu-west-1").unwrap();
+    let b = PeerTls::load(topology.clone(), "us-east-1").unwrap();
+    let b_ep = endpoint(localhost(), &b).unwrap();
+    // us-east-1 is reached at `b_addr`, through a relay that stands for its process.
+    let relay_socket = tokio::net::UdpSocket::bind(localhost()).await.unwrap();
+    let b_addr = relay_socket.local_addr().unwrap();
+    let relaying = tokio::spawn(relay(relay_socket, b_ep.local_addr().unwrap()));
+    let accepting = tokio::spawn({
+        let b_ep = b_ep.clone();
+        async move { b_ep.accept().await.unwrap().await.unwrap() }
+    });
+    let a_ep = endpoint(localhost(), &a).unwrap();
+    let conn = timeout(DEADLINE, dial(&a_ep, &a, "us-east-1", b_addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let _b_side = timeout(DEADLINE, accepting).await.unwrap().unwrap();
+    // us-east-1 "dies" without a word (nothing answers at its address any more), and a new
+    // process with the same key files binds that address.
+    relaying.abort();
+    let _ = relaying.await;
+    let b_again = PeerTls::load(topology, "us-east-1").unwrap();
+    let b2_ep = endpoint(b_addr, &b_again).unwrap();
+    // The next packet on the old connection is answered by a reset the dialer can verify,
+    // long before the idle timeout.
+    let started = std::time::Instant::now();
+    conn.send_datagram(bytes::Bytes::from_static(b"?")).unwrap();
+    let closed = timeout(DEADLINE, conn.closed()).await.unwrap();
+    assert!(
+        matches!(closed, quinn::ConnectionError::Reset),
+        "expected a stateless reset, got {closed} after {:?}",
+        started.elapsed()
+    );
+    b_ep.close(0u32.into(), b"done");
+    b2_ep.close(0u32.into(), b"done");
+    a_ep.close(0u32.into(), b"done");
 }
