@@ -60,6 +60,17 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Which certificate: "node" (this node's own) or "ca" (the cluster CA that signed it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    pub cert: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerOnly {
+    pub peer: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpOnly {
     pub op: &'static str,
@@ -96,6 +107,9 @@ pub struct Metrics {
     pub apply_lag_seconds: Family<PeerRegion, Histogram, fn() -> Histogram>,
     pub corrupt_records_total: Counter,
     pub record_repairs_total: Family<Reason, Counter>,
+    pub cert_expiry_seconds: Family<CertLabel, Gauge>,
+    pub clock_offset_ms: Family<PeerOnly, Gauge>,
+    pub clock_off: Gauge,
 }
 
 /// `metric`, registered in `registry` under `name` with `help`.
@@ -222,8 +236,29 @@ impl Metrics {
             "Repairs of corrupt records, by outcome (rebuilt from the change log, intact by then, failed)",
             Family::<Reason, Counter>::default(),
         );
+        let cert_expiry_seconds = registered(
+            r,
+            "cert_expiry_seconds",
+            "Seconds until the certificate's notAfter (negative once expired): this node's (cert=node) and the cluster CA's (cert=ca)",
+            Family::<CertLabel, Gauge>::default(),
+        );
+        let clock_offset_ms = registered(
+            r,
+            "clock_offset_ms",
+            "This node's clock minus the peer's, estimated from the clock readings in its messages",
+            Family::<PeerOnly, Gauge>::default(),
+        );
+        let clock_off = registered(
+            r,
+            "clock_off",
+            "1 while this node's clock is more than max_drift_ms from a majority of its peers'",
+            Gauge::default(),
+        );
         Metrics {
             registry,
+            cert_expiry_seconds,
+            clock_offset_ms,
+            clock_off,
             corrupt_records_total,
             record_repairs_total,
             apply_lag_seconds,

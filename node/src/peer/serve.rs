@@ -14,7 +14,9 @@ use meridian_replication::wire::Message;
 use tracing::Instrument;
 
 use super::forward::serve_forwards;
-use super::frame::{close_link, hello, peer_said_goodbye, read_msg, write_msg};
+use super::frame::{
+    clock_of, close_link, hello, note_peer_clock, peer_said_goodbye, read_msg, write_msg,
+};
 use super::tls::{self, MAX_CONNECTION_AGE};
 use super::{Ctx, LinkError};
 use crate::clock::unix_ms;
@@ -134,6 +136,7 @@ async fn serve_subscriber(ctx: &Ctx, incoming: quinn::Incoming) -> Result<(), Li
             return Err(e.into());
         }
     };
+    note_peer_clock(engine, &identity.node_id, clock_of(&their_hello), None);
     write_msg(&mut send, &hello(engine, &Frontier::default())).await?;
     if let Some(r) = ctx.reachable.get(&identity.node_id) {
         r.send_replace(());
@@ -205,7 +208,8 @@ async fn stream_to(
         }
         tokio::select! {
             msg = read_msg(recv) => match msg? {
-                Message::Ack { seq } => {
+                Message::Ack { seq, clock_ntp64 } => {
+                    note_peer_clock(engine, peer, clock_ntp64, None);
                     let n = out.on_ack(seq)?;
                     engine.metrics.changes_sent_total.get_or_create(region_label).inc_by(n as u64);
                     let acked: std::collections::BTreeMap<String, String> = out
