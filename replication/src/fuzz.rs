@@ -57,6 +57,7 @@ fn wire_message_damaged() {
                     node: b.clone(),
                     region: a.clone(),
                     frontier: vec![entry.clone(); usize::from(*xor % 4)],
+                    clock_ntp64: *n,
                 },
                 1 => Message::Batch {
                     seq: *n,
@@ -68,7 +69,10 @@ fn wire_message_damaged() {
                     }],
                     progress: vec![entry],
                 },
-                2 => Message::Ack { seq: *n },
+                2 => Message::Ack {
+                    seq: *n,
+                    clock_ntp64: *n,
+                },
                 3 => Message::Close { reason: a.clone() },
                 4 => Message::Forward {
                     method: crate::wire::ForwardMethod::Patch,

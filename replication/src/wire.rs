@@ -9,8 +9,9 @@ pub mod frame;
 use crate::codec::{Reader, Truncated};
 
 /// Bumped on any incompatible change; both sides must agree. 2: changes edit the flat record
-/// layout (record format 2), which a format-1 document cannot merge with.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// layout (record format 2), which a format-1 document cannot merge with. 3: `Hello` and `Ack`
+/// carry the sender's clock reading.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame accepted (a batch of changes).
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Changes in one batch at most.
@@ -51,6 +52,8 @@ pub enum Message {
         node: String,
         region: String,
         frontier: Vec<FrontierEntry>,
+        /// The sender's physical clock when it sent this (see [`Message::Ack`]).
+        clock_ntp64: u64,
     },
     /// Changes after the subscriber's frontier, and how far the sender vouches that the
     /// subscriber is complete once it has applied them.
@@ -60,7 +63,13 @@ pub enum Message {
         progress: Vec<FrontierEntry>,
     },
     /// The subscriber applied batch `seq` durably.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+        /// The sender's physical clock (NTP64, the wall clock its HLC reads, not a stamp) when
+        /// it sent this, so that each end can estimate how far its clock is from its peers';
+        /// 0 when unknown, which says nothing.
+        clock_ntp64: u64,
+    },
     /// The sender of this message closes the link, and says why.
     Close { reason: String },
     /// A client request for a record this node's region may not hold, carried to a node of a
@@ -157,6 +166,7 @@ impl Message {
                 node,
                 region,
                 frontier,
+                clock_ntp64,
             } => {
                 w.push(T_HELLO);
                 w.extend_from_slice(&protocol.to_be_bytes());
@@ -164,6 +174,7 @@ impl Message {
                 put_str(w, node);
                 put_str(w, region);
                 put_frontier(w, frontier);
+                w.extend_from_slice(&clock_ntp64.to_be_bytes());
             }
             Message::Batch {
                 seq,
@@ -182,9 +193,10 @@ impl Message {
                 }
                 put_frontier(w, progress);
             }
-            Message::Ack { seq } => {
+            Message::Ack { seq, clock_ntp64 } => {
                 w.push(T_ACK);
                 w.extend_from_slice(&seq.to_be_bytes());
+                w.extend_from_slice(&clock_ntp64.to_be_bytes());
             }
             Message::Close { reason } => {
                 w.push(T_CLOSE);
@@ -236,6 +248,7 @@ impl Message {
                 node: get_str(&mut r, "node", MAX_NAME_BYTES)?,
                 region: get_str(&mut r, "region", MAX_NAME_BYTES)?,
                 frontier: get_frontier(&mut r)?,
+                clock_ntp64: r.u64_be()?,
             },
             T_BATCH => {
                 let seq = r.u64_be()?;
@@ -260,7 +273,10 @@ impl Message {
                     progress: get_frontier(&mut r)?,
                 }
             }
-            T_ACK => Message::Ack { seq: r.u64_be()? },
+            T_ACK => Message::Ack {
+                seq: r.u64_be()?,
+                clock_ntp64: r.u64_be()?,
+            },
             T_CLOSE => Message::Close {
                 reason: get_str(&mut r, "close reason", MAX_REASON_BYTES)?,
             },
@@ -371,6 +387,7 @@ mod tests {
                 node: "eu-1".into(),
                 region: "eu-west".into(),
                 frontier: vec![f.clone()],
+                clock_ntp64: 1 << 40,
             },
             Message::Batch {
                 seq: 3,
@@ -382,7 +399,10 @@ mod tests {
                 }],
                 progress: vec![f],
             },
-            Message::Ack { seq: 3 },
+            Message::Ack {
+                seq: 3,
+                clock_ntp64: 5,
+            },
             Message::Close {
                 reason: "cluster mismatch".into(),
             },

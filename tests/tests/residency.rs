@@ -74,7 +74,10 @@ async fn a_pinned_change_from_a_misbehaving_sender_is_refused_counted_and_flagge
     )
     .await;
     assert!(
-        matches!(frame::read(&mut recv).await, Some(Message::Ack { seq: 1 })),
+        matches!(
+            frame::read(&mut recv).await,
+            Some(Message::Ack { seq: 1, .. })
+        ),
         "the batch is acknowledged"
     );
 

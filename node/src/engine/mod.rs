@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::NodeClock;
 use crate::config::Topology;
+use crate::observe::health::Health;
 use crate::observe::metrics::{Metrics, OpLabels};
 use crate::store::{ItemOutcome, Listed, Store, StoreError, StoredRecord, WriteItem};
 use crate::sync::lock;
@@ -159,6 +160,37 @@ pub enum Admission {
     Reject { home: String, rule: String },
 }
 
+/// Why a node is not ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotReady {
+    ShuttingDown,
+    /// The database failed or the disk is full (see the storage errors).
+    StorageUnavailable,
+    /// This node's own certificate expired while it ran: peers refuse new links with it.
+    CertificateExpired,
+}
+
+impl NotReady {
+    /// The `reason` of a `/readyz` 503.
+    pub fn code(self) -> &'static str {
+        match self {
+            NotReady::ShuttingDown => "shutting_down",
+            NotReady::StorageUnavailable => "storage_unavailable",
+            NotReady::CertificateExpired => "certificate_expired",
+        }
+    }
+
+    pub fn explanation(self) -> &'static str {
+        match self {
+            NotReady::ShuttingDown => "the node is shutting down",
+            NotReady::StorageUnavailable => "storage has failed or the disk is full",
+            NotReady::CertificateExpired => {
+                "this node's certificate has expired: peers refuse new replication links; restart it with a valid certificate"
+            }
+        }
+    }
+}
+
 /// The regions a request for a record pinned elsewhere may be carried to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardTo {
@@ -187,6 +219,8 @@ pub struct Engine {
     pub topology: Arc<Topology>,
     pub clock: NodeClock,
     pub metrics: Metrics,
+    /// Certificate validity and clock offset, for readiness and status.
+    pub health: Health,
     pub incarnation: u32,
     store: Arc<Store>,
     actor: ActorId,
@@ -259,6 +293,7 @@ impl Engine {
             topology,
             clock,
             metrics,
+            health: Health::default(),
             incarnation,
             store,
             actor: crate::clock::actor_of(node_id, incarnation),
@@ -278,9 +313,23 @@ impl Engine {
         &self.store
     }
 
-    /// Ready while the writer accepts work and storage has not failed.
+    /// Ready while the writer accepts work, storage has not failed and this node's own
+    /// certificate has not expired.
     pub fn ready(&self) -> bool {
-        self.store.accepts_writes() && !self.writer.is_closed()
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why the node is not ready (`/readyz`, `/v1/status`); `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<NotReady> {
+        if self.writer.is_closed() {
+            Some(NotReady::ShuttingDown)
+        } else if !self.store.accepts_writes() {
+            Some(NotReady::StorageUnavailable)
+        } else if self.health.certificate_expired() {
+            Some(NotReady::CertificateExpired)
+        } else {
+            None
+        }
     }
 
     fn home_region(&self, key: &str) -> Option<String> {

@@ -126,15 +126,18 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.engine.ready() {
-        axum::Json(json!({"status": "ready"})).into_response()
-    } else {
-        refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "storage has failed or the node is shutting down",
-        )
-        .into_response()
+    match state.engine.not_ready_reason() {
+        None => axum::Json(json!({"status": "ready"})).into_response(),
+        Some(why) => {
+            let body =
+                json!({"error": "not_ready", "message": why.explanation(), "reason": why.code()});
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::to_vec(&body).unwrap_or_default(),
+                false,
+                None,
+            )
+        }
     }
 }
 

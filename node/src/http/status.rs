@@ -69,6 +69,29 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
         })
         .unwrap_or_default();
     let records = engine.store().record_count().ok();
+    let now_unix_s = (crate::clock::unix_ms() / 1000) as i64;
+    let certificate = engine.health.certificates().map(|c| {
+        json!({
+            "not_before_unix_s": c.node.not_before_unix_s,
+            "not_after_unix_s": c.node.not_after_unix_s,
+            "expires_in_s": c.node.seconds_left(now_unix_s),
+            "expired": engine.health.certificate_expired(),
+            "ca_not_after_unix_s": c.ca.not_after_unix_s,
+        })
+    });
+    let max_drift_ms = engine.topology.clock.max_drift_ms;
+    let verdict = engine.health.clock.verdict(
+        std::time::Instant::now(),
+        crate::observe::clock_offset::SAMPLE_MAX_AGE,
+        &state.peers.connected(),
+        max_drift_ms,
+    );
+    let clock = json!({
+        "offset_ms_estimate": verdict.offset_ms_estimate,
+        "off": engine.health.clock_off(),
+        "max_drift_ms": max_drift_ms,
+        "peers": verdict.peers,
+    });
     axum::Json(json!({
         "cluster": engine.topology.cluster,
         "node": engine.node_id,
@@ -76,6 +99,9 @@ pub(super) async fn status(State(state): State<AppState>) -> Response {
         "incarnation": engine.incarnation,
         "hlc": engine.clock.now().to_string(),
         "ready": engine.ready(),
+        "not_ready_reason": engine.not_ready_reason().map(|r| r.code()),
+        "certificate": certificate,
+        "clock": clock,
         "records_stored": records,
         "frontier": frontier,
         "peers": peers,

@@ -60,6 +60,17 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Which certificate: "node" (this node's own) or "ca" (the cluster CA that signed it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    pub cert: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerOnly {
+    pub peer: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpOnly {
     pub op: &'static str,
@@ -97,6 +108,9 @@ pub struct Metrics {
     pub corrupt_records_total: Counter,
     pub record_repairs_total: Family<Reason, Counter>,
     pub peer_admission: super::peer_admission::PeerAdmissionMetrics,
+    pub cert_expiry_seconds: Family<CertLabel, Gauge>,
+    pub clock_offset_ms: Family<PeerOnly, Gauge>,
+    pub clock_off: Gauge,
 }
 
 /// `metric`, registered in `registry` under `name` with `help`.
@@ -224,9 +238,30 @@ impl Metrics {
             Family::<Reason, Counter>::default(),
         );
         let peer_admission = super::peer_admission::PeerAdmissionMetrics::registered(r);
+        let cert_expiry_seconds = registered(
+            r,
+            "cert_expiry_seconds",
+            "Seconds until the certificate's notAfter (negative once expired): this node's (cert=node) and the cluster CA's (cert=ca)",
+            Family::<CertLabel, Gauge>::default(),
+        );
+        let clock_offset_ms = registered(
+            r,
+            "clock_offset_ms",
+            "This node's clock minus the peer's, estimated from the clock readings in its messages",
+            Family::<PeerOnly, Gauge>::default(),
+        );
+        let clock_off = registered(
+            r,
+            "clock_off",
+            "1 while this node's clock is more than max_drift_ms from a majority of its peers'",
+            Gauge::default(),
+        );
         Metrics {
             peer_admission,
             registry,
+            cert_expiry_seconds,
+            clock_offset_ms,
+            clock_off,
             corrupt_records_total,
             record_repairs_total,
             apply_lag_seconds,

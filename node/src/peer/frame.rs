@@ -8,6 +8,7 @@ use meridian_replication::wire::{Message, PROTOCOL_VERSION, frame};
 
 use super::LinkError;
 use crate::engine::Engine;
+use crate::observe::clock_offset::ClockSample;
 
 pub(super) async fn write_msg(
     send: &mut quinn::SendStream,
@@ -85,7 +86,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Our `Hello`, stating `frontier`.
+/// Our `Hello`, stating `frontier`, with our clock reading.
 pub(super) fn hello(engine: &Engine, frontier: &Frontier) -> Message {
     Message::Hello {
         protocol: PROTOCOL_VERSION,
@@ -93,5 +94,42 @@ pub(super) fn hello(engine: &Engine, frontier: &Frontier) -> Message {
         node: engine.node_id.clone(),
         region: engine.region.clone(),
         frontier: frontier.entries(),
+        clock_ntp64: engine.clock.now().time_ntp64,
     }
+}
+
+/// Our acknowledgement of batch `seq`, with our clock reading.
+pub(super) fn ack(engine: &Engine, seq: u64) -> Message {
+    Message::Ack {
+        seq,
+        clock_ntp64: engine.clock.now().time_ntp64,
+    }
+}
+
+/// The clock reading a message carries (0, "unknown", for those that carry none).
+pub(super) fn clock_of(msg: &Message) -> u64 {
+    match msg {
+        Message::Hello { clock_ntp64, .. } | Message::Ack { clock_ntp64, .. } => *clock_ntp64,
+        _ => 0,
+    }
+}
+
+/// Keep `peer_ntp64`, the clock reading of a message that just arrived from `peer`, for the
+/// clock-offset estimate; `our_ntp64` is the reading in our message it answers (the peer's
+/// `Hello` answers ours), if any.
+pub(super) fn note_peer_clock(
+    engine: &Engine,
+    peer: &str,
+    peer_ntp64: u64,
+    our_ntp64: Option<u64>,
+) {
+    let sample = ClockSample {
+        peer_ntp64,
+        local_sent_ntp64: our_ntp64.filter(|t| *t != 0),
+        local_received_ntp64: engine.clock.now().time_ntp64,
+    };
+    engine
+        .health
+        .clock
+        .record(peer, sample, std::time::Instant::now());
 }

@@ -22,12 +22,14 @@
 //! Layout: `accept` (the peer port: admission, handshakes), `subscribe` (the receiving side of
 //! a link), `serve` (the sending side), `forward`
 //! (requests carried to other regions), `frame` (messages over QUIC streams), `status` (what
-//! the links report), `tls` (identity and the QUIC transport).
+//! the links report), `tls` (identity and the QUIC transport), `health_watch` (certificate expiry and
+//! clock offset, checked as the node runs).
 
 mod accept;
 pub mod admission;
 mod forward;
 mod frame;
+mod health_watch;
 mod serve;
 mod status;
 mod subscribe;
@@ -145,6 +147,7 @@ pub async fn run(links: Links, bind: SocketAddr) -> Result<(), LinkError> {
     }
     tasks.spawn(accept_loop(ctx.clone()).instrument(span.clone()));
     tasks.spawn(retry_loop(ctx.clone()).instrument(span.clone()));
+    tasks.spawn(health_watch::watch_loop(ctx.clone()).instrument(span.clone()));
     let mut shutdown = shutdown;
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {

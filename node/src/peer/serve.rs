@@ -13,7 +13,7 @@ use meridian_replication::wire::Message;
 use tracing::Instrument;
 
 use super::forward::serve_forwards;
-use super::frame::{close_link, hello, read_msg, write_msg};
+use super::frame::{clock_of, close_link, hello, note_peer_clock, read_msg, write_msg};
 use super::status::Direction;
 use super::tls::{self, MAX_CONNECTION_AGE};
 use super::{Ctx, LinkError};
@@ -99,6 +99,7 @@ pub(super) async fn serve_subscriber(ctx: &Ctx, conn: quinn::Connection) -> Resu
             return Err(e.into());
         }
     };
+    note_peer_clock(engine, &identity.node_id, clock_of(&their_hello), None);
     write_msg(&mut send, &hello(engine, &Frontier::default())).await?;
     let (subscription, replaced) = ctx.subscribers.register(&identity.node_id, &conn);
     if replaced {
@@ -184,7 +185,8 @@ async fn stream_to(
         }
         tokio::select! {
             msg = read_msg(recv) => match msg? {
-                Message::Ack { seq } => {
+                Message::Ack { seq, clock_ntp64 } => {
+                    note_peer_clock(engine, peer, clock_ntp64, None);
                     let n = out.on_ack(seq)?;
                     engine.metrics.changes_sent_total.get_or_create(region_label).inc_by(n as u64);
                     let acked: std::collections::BTreeMap<String, String> = out

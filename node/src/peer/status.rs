@@ -171,6 +171,15 @@ impl PeerTable {
     pub fn snapshot(&self) -> BTreeMap<String, PeerStatus> {
         lock(&self.peers).clone()
     }
+
+    /// The peers with a link up in either direction.
+    pub fn connected(&self) -> Vec<String> {
+        lock(&self.peers)
+            .iter()
+            .filter(|(_, s)| s.inbound_connected || s.outbound_connected)
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
 }
 
 /// One established link; marks it down when dropped (see [`PeerTable::link_down`]).

@@ -14,7 +14,10 @@ use meridian_replication::version::{ms_from_ntp64, ntp64_from_ms, seconds_from_n
 use meridian_replication::wire::Message;
 use tokio::sync::watch;
 
-use super::frame::{AbortOnDrop, close_link, hello, peer_said_goodbye, read_msg, write_msg};
+use super::frame::{
+    AbortOnDrop, ack, clock_of, close_link, hello, note_peer_clock, peer_said_goodbye, read_msg,
+    write_msg,
+};
 use super::status::Direction;
 use super::tls::{self, MAX_CONNECTION_AGE};
 use super::{Ctx, LinkError};
@@ -22,6 +25,7 @@ use crate::clock::unix_ms;
 use crate::config::NodeConfig;
 use crate::engine::{ApplyStats, Engine};
 use crate::observe::metrics::{PeerLink, PeerRegion};
+use crate::observe::rate_limit::LogLimiter;
 use crate::store::StoreError;
 
 /// Random bits to spread the reconnects of many links: no cryptographic quality is needed, and
@@ -33,6 +37,9 @@ fn random_u64() -> u64 {
         .finish()
 }
 
+/// A failing link to one peer is logged at most once per this (with how many failures were
+/// not logged in between).
+const LINK_FAILURE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 /// Received batches waiting to be applied on one link; beyond it, the reader stops reading and
 /// QUIC's stream flow control holds the sender back.
 const INBOUND_QUEUE_BATCHES: usize = 8;
@@ -78,7 +85,7 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
     let mut shutdown = ctx.shutdown.clone();
     let mut reachable = ctx.reachable.get(&peer.id).map(watch::Sender::subscribe);
     let mut backoff = Backoff::new();
-    let mut last_error: Option<String> = None;
+    let mut failure_log = LogLimiter::new(LINK_FAILURE_LOG_INTERVAL);
     loop {
         if *shutdown.borrow() {
             return;
@@ -97,7 +104,7 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
         match result {
             Ok(()) => {
                 backoff.reset();
-                last_error = None;
+                failure_log.reset();
             }
             Err(LinkError::PeerReachedUs) => {
                 tracing::info!(peer = %peer.id, "peer reached this node while a dial to it was pending; dialling again now");
@@ -108,7 +115,7 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
                 // The link was to an earlier process of the peer: a new one is there now.
                 tracing::info!(peer = %peer.id, error = %e, "the peer restarted; dialling its new process now");
                 backoff.reset();
-                last_error = None;
+                failure_log.reset();
                 continue;
             }
             Err(e) if peer_said_goodbye(&e).is_some() => {
@@ -116,22 +123,21 @@ pub(super) async fn subscribe_loop(ctx: Arc<Ctx>, peer: NodeConfig) {
                 // A peer that says goodbye (shutdown, connection age) is not a failure.
                 tracing::info!(peer = %peer.id, %reason, "peer closed the link; reconnecting");
                 backoff.reset();
-                last_error = None;
+                failure_log.reset();
             }
             Err(e) => {
                 let text = e.to_string();
-                // Log a failure once, not at every retry of the same failure.
-                if last_error.as_deref() != Some(text.as_str()) {
-                    tracing::warn!(peer = %peer.id, peer_region = %peer.region, %addr, error = %text, "replication link from peer failed; retrying with backoff");
+                // One line per peer per interval, not one per retry: the text of a repeating
+                // failure may differ each time (an expired certificate counts its seconds).
+                if let Some(suppressed) = failure_log.allow(Instant::now()) {
+                    tracing::warn!(peer = %peer.id, peer_region = %peer.region, %addr, error = %text, suppressed, "replication link from peer failed; retrying with backoff");
                 }
                 engine
                     .metrics
                     .link_errors_total
                     .get_or_create(&PeerRegion::of(&peer.region))
                     .inc();
-                ctx.peers
-                    .update(&peer.id, |s| s.last_error = Some(text.clone()));
-                last_error = Some(text);
+                ctx.peers.update(&peer.id, |s| s.last_error = Some(text));
                 backoff.failed_after(started.elapsed());
             }
         }
@@ -228,7 +234,8 @@ async fn subscribe_once(
     let (mut send, mut recv) = conn.open_bi().await?;
     let shared = policy.shared_classes(&engine.region, &peer.region);
     let frontier = hello_frontier(engine, &shared)?;
-    write_msg(&mut send, &hello(engine, &frontier)).await?;
+    let our_hello = hello(engine, &frontier);
+    write_msg(&mut send, &our_hello).await?;
     let their_hello = read_msg(&mut recv).await?;
     if let Err(e) = check_hello(&their_hello, &engine.topology.cluster, &peer.id) {
         let reason = e.to_string();
@@ -236,6 +243,12 @@ async fn subscribe_once(
         close_link(&conn, &mut send, 1, &reason).await;
         return Err(e.into());
     }
+    note_peer_clock(
+        engine,
+        &peer.id,
+        clock_of(&their_hello),
+        Some(clock_of(&our_hello)),
+    );
     let link = PeerLink::inbound(&peer.id, &peer.region);
     let region_label = PeerRegion::of(&peer.region);
     let up = engine.metrics.peer_up.get_or_create(&link).clone();
@@ -471,7 +484,7 @@ async fn finish_commit(
     let engine = &ctx.engine;
     let stats = result?;
     for seq in done.seqs {
-        write_msg(send, &Message::Ack { seq }).await?;
+        write_msg(send, &ack(engine, seq)).await?;
     }
     let accepted_hlcs = done.accepted_hlcs;
     let newest_accepted = accepted_hlcs.iter().copied().max();

@@ -397,6 +397,7 @@ impl World {
                         node: sub.node.clone(),
                         region: sub.region.clone(),
                         frontier: sub.store.frontier.entries(),
+                        clock_ntp64: sub.clock(self.now),
                     };
                     self.send(link, true, &hello);
                 }

@@ -35,7 +35,9 @@ use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn};
 use rustls::{RootCertStore, SignatureScheme};
 
 use crate::config::Topology;
+use crate::observe::health::Certificates;
 
+pub mod expiry;
 mod identity;
 mod keys;
 mod refusals;
@@ -187,6 +189,8 @@ fn io_read_error(path: &Path, what: &'static str, source: io::Error) -> TlsError
 pub struct PeerTls {
     topology: Arc<Topology>,
     identity: PeerIdentity,
+    /// Validity of this node's certificate and of its CA, as loaded.
+    certificates: Certificates,
     server: quinn::ServerConfig,
     /// One client configuration per node of the topology, each accepting only that node.
     clients: HashMap<String, quinn::ClientConfig>,
@@ -235,7 +239,8 @@ impl PeerTls {
             region: region.to_string(),
         };
         let provider = provider();
-        let roots = Arc::new(load_roots(ca_path)?);
+        let ca_certs = load_certs(ca_path, "CA certificate")?;
+        let roots = Arc::new(roots_of(&ca_certs, ca_path)?);
         let chain = load_certs(cert_path, "node certificate")?;
         let key = load_key(key_path)?;
         let keys = EndpointKeys::derive(key.secret_der());
@@ -246,6 +251,12 @@ impl PeerTls {
                 &topology, node_id, &chain, &roots, &provider, ca_path, cert_path,
             )?;
         }
+        let certificates =
+            certificates_of(&chain, &ca_certs).map_err(|e| TlsError::OwnIdentity {
+                node: node_id.to_string(),
+                path: cert_path.to_owned(),
+                source: Box::new(e),
+            })?;
 
         let config_err = |source| TlsError::Config {
             node: node_id.to_string(),
@@ -317,6 +328,7 @@ impl PeerTls {
         Ok(PeerTls {
             topology,
             identity,
+            certificates,
             server,
             clients,
             stranger,
@@ -340,6 +352,11 @@ impl PeerTls {
         &self.topology
     }
 
+    /// Validity of this node's certificate and of the CA that issued it.
+    pub fn certificates(&self) -> Certificates {
+        self.certificates
+    }
+
     /// Accepts clients whose certificate chains to the CA and names a node of the topology in
     /// its topology region. TLS 1.3 only, no resumption, no 0-RTT.
     pub fn server_config(&self) -> quinn::ServerConfig {
@@ -357,16 +374,37 @@ impl PeerTls {
     }
 }
 
+#[cfg(test)]
 pub(crate) fn load_roots(ca_path: &Path) -> Result<RootCertStore, TlsError> {
+    roots_of(&load_certs(ca_path, "CA certificate")?, ca_path)
+}
+
+fn roots_of(
+    ca_certs: &[CertificateDer<'static>],
+    ca_path: &Path,
+) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs(ca_path, "CA certificate")? {
-        roots.add(cert).map_err(|e| TlsError::Pem {
+    for cert in ca_certs {
+        roots.add(cert.clone()).map_err(|e| TlsError::Pem {
             what: "CA certificate",
             path: ca_path.to_owned(),
             message: format!("not a usable trust anchor: {e}"),
         })?;
     }
     Ok(roots)
+}
+
+fn certificates_of(
+    chain: &[CertificateDer<'static>],
+    ca_certs: &[CertificateDer<'static>],
+) -> Result<Certificates, IdentityError> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| IdentityError::Unparsable("empty chain".into()))?;
+    Ok(Certificates {
+        node: expiry::validity_of(leaf)?,
+        ca: expiry::issuer_validity(leaf, ca_certs)?,
+    })
 }
 
 fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -138,11 +138,12 @@ impl World {
                     node: me.node.clone(),
                     region: me.region.clone(),
                     frontier: Vec::new(),
+                    clock_ntp64: me.clock(self.now),
                 };
                 self.send(link, false, &hello);
                 self.pump(link);
             }
-            Message::Ack { seq } => {
+            Message::Ack { seq, .. } => {
                 let Some(out) = self.links[link].out.as_mut() else {
                     return self.reset(link, "ack before hello");
                 };
@@ -188,7 +189,8 @@ impl World {
                 self.stats.batches += 1;
                 let context = format!("batch {seq} on link {}→{}", snd, sub);
                 self.apply_batch(sub, changes, &progress, &context)?;
-                self.send(link, true, &Message::Ack { seq });
+                let clock_ntp64 = self.reps[sub].clock(self.now);
+                self.send(link, true, &Message::Ack { seq, clock_ntp64 });
                 // The subscriber's store changed: its own outbound links may have news.
                 self.pump_from(sub);
             }
@@ -295,7 +297,7 @@ pub(super) fn summary(m: &Message) -> String {
                 .collect::<Vec<_>>(),
             f(progress)
         ),
-        Message::Ack { seq } => format!("Ack {seq}"),
+        Message::Ack { seq, .. } => format!("Ack {seq}"),
         Message::Close { reason } => format!("Close {reason:?}"),
         _ => "(another message)".to_string(),
     }
